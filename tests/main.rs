@@ -1,0 +1,3 @@
+//! One integration-test binary (`autotests = false`) keeps link time down.
+
+mod codec_differential;
