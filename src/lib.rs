@@ -4,5 +4,21 @@
 //!
 //! - [`ws`]: the sans-IO WebSocket frame codec — validation, in-place unmasking forwarder,
 //!   frame encoding. No IO; fuzzed and benchmarked on its own.
+//! - [`relay`]: the public server — control API, control channels, session table, and the
+//!   data plane (io_uring or epoll workers forwarding frames in place).
+//! - [`agent`]: runs on the device; one control connection to the relay, dials only the
+//!   services its own configuration names.
+//! - [`client`]: `ringway connect` — starts a session and serves a local port.
+//! - [`peer`]: WebSocket/HTTP plumbing the edge roles and control channels share.
+//! - [`proto`]: the JSON messages and API bodies.
+//! - [`config`]: the relay's TOML configuration and the [`config::Secret`] type.
+//! - [`demo`]: everything on loopback in one process, with a self-check.
 
+pub mod agent;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod peer;
+pub mod proto;
+pub mod relay;
 pub mod ws;

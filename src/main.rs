@@ -1,11 +1,188 @@
 //! The `ringway` binary: allocator, command line, logging, exit codes. Everything else lives in
 //! the library so tests can drive it.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use ringway::agent::{self, AgentOptions};
+use ringway::client::{self, ConnectOptions, Mode};
+use ringway::config::Config;
+use ringway::peer::{self, RelayUrl};
+use ringway::proto::StartSession;
+use ringway::relay::{self, BackendKind};
+
 // mimalloc: the relay holds tens of thousands of small per-tunnel allocations and churns
-// sessions; mimalloc keeps that fast and its RSS low, where glibc malloc fragments per thread.
+// sessions on several threads; mimalloc keeps that fast and its RSS low where glibc's
+// per-thread arenas fragment.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() {
-    println!("ringway {}", env!("CARGO_PKG_VERSION"));
+/// Remote access to services on devices behind NAT, through a WebSocket relay.
+///
+/// A device runs `ringway agent`, which keeps one outbound connection to a public `ringway
+/// relay`. An operator runs `ringway connect`, which starts a session and opens a local port;
+/// ssh, a VNC viewer or a browser pointed at that port reaches the device's service.
+/// Try `ringway demo` to see all three on this machine.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay: control API, agent endpoint and data plane on one address.
+    Relay {
+        /// Address to listen on; port 0 picks a free port (the real one is printed).
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// Relay configuration (TOML): operators, devices, limits.
+        #[arg(long)]
+        config: PathBuf,
+        /// Force a data-plane backend instead of probing for io_uring.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+    },
+    /// Run the device agent: keep a control connection to the relay and serve the named services.
+    Agent {
+        /// The relay, e.g. http://relay.example.net:8080
+        #[arg(long)]
+        relay: String,
+        /// This device's id, as listed in the relay's config.
+        #[arg(long)]
+        device: String,
+        /// This device's key, as listed in the relay's config.
+        #[arg(long, env = "RINGWAY_DEVICE_KEY", hide_env_values = true)]
+        key: String,
+        /// A service this device offers, NAME=HOST:PORT (repeatable). Nothing else can be reached.
+        #[arg(long = "service", required = true, value_parser = agent::parse_service)]
+        services: Vec<(String, String)>,
+    },
+    /// Start a session to a device's service and serve it on a local port.
+    Connect {
+        #[arg(long)]
+        relay: String,
+        /// Operator token for the control API.
+        #[arg(long, env = "RINGWAY_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        service: String,
+        /// Local address to listen on (port 0: any free port, printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Run this command once listening, with {port} replaced; the session ends with it.
+        #[arg(long, conflicts_with = "stdio")]
+        exec: Option<String>,
+        /// Carry exactly one connection over stdin/stdout (for ssh -o ProxyCommand).
+        #[arg(long)]
+        stdio: bool,
+        /// Session lifetime in seconds (default: the relay's).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Use the control API from the shell; prints JSON.
+    Session {
+        #[command(subcommand)]
+        action: SessionAction,
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+        relay: String,
+        #[arg(long, global = true, env = "RINGWAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Relay, agent, a built-in web service and a session on loopback, with a self-check.
+    Demo {
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionAction {
+    /// Start a session; prints its id, client URL and client token.
+    Start {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// List open sessions.
+    List,
+    /// Show one session.
+    Show { id: String },
+    /// Close a session; its connections end with close code 4003.
+    Close { id: String },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("ringway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tokio_main<F: std::future::Future<Output = anyhow::Result<i32>>>(f: F) -> anyhow::Result<i32> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(f)
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Relay { listen, config, backend } => {
+            let config = Config::load(&config)?;
+            let running = relay::start(config, listen, backend)?;
+            println!("listening on {}", running.addr);
+            running.wait()?;
+            Ok(0)
+        }
+        Command::Agent { relay, device, key, services } => {
+            let opts = AgentOptions { relay: RelayUrl::parse(&relay)?, device, key, services: services.into_iter().collect() };
+            tokio_main(async move { agent::run(opts).await.map(|()| 0) })
+        }
+        Command::Connect { relay, token, device, service, listen, exec, stdio, ttl } => {
+            let opts = ConnectOptions { relay: RelayUrl::parse(&relay)?, token, device, service, ttl_secs: ttl };
+            let mode = if stdio { Mode::Stdio } else { Mode::Listen { addr: listen, exec } };
+            tokio_main(client::run(opts, mode))
+        }
+        Command::Session { action, relay, token } => {
+            let relay = RelayUrl::parse(&relay)?;
+            let token = token.context("--token (or RINGWAY_TOKEN) is required")?;
+            tokio_main(async move {
+                let (method, path, body) = match action {
+                    SessionAction::Start { device, service, ttl } => {
+                        let body = serde_json::to_string(&StartSession { device, service, ttl_secs: ttl })?;
+                        (Method::POST, "/api/v1/sessions".to_string(), Some(body))
+                    }
+                    SessionAction::List => (Method::GET, "/api/v1/sessions".to_string(), None),
+                    SessionAction::Show { id } => (Method::GET, format!("/api/v1/sessions/{id}"), None),
+                    SessionAction::Close { id } => (Method::DELETE, format!("/api/v1/sessions/{id}"), None),
+                };
+                let out = peer::api(&relay, method, &path, &token, body).await?;
+                if out.is_empty() {
+                    println!("{{}}");
+                } else {
+                    let v: serde_json::Value = serde_json::from_slice(&out)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                Ok(0)
+            })
+        }
+        Command::Demo { backend } => tokio_main(async move { ringway::demo::run(backend).await.map(|()| 0) }),
+    }
 }

@@ -1,0 +1,119 @@
+//! The agent role: runs on the device, keeps one control connection to the relay (reconnecting
+//! with backoff and jitter), and for each connection the relay announces dials the named
+//! service locally and the session's device endpoint, then splices the two.
+//!
+//! It reaches only the services its own command line names: whatever the relay asks, an
+//! unknown service name is refused here, on the device.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::peer::{self, Incoming, Outgoing, RelayUrl};
+use crate::proto::{FromAgent, ToAgent};
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub relay: RelayUrl,
+    pub device: String,
+    pub key: String,
+    /// Service name → `host:port` on the device's side.
+    pub services: BTreeMap<String, String>,
+}
+
+/// Parses `NAME=HOST:PORT`.
+pub fn parse_service(s: &str) -> anyhow::Result<(String, String)> {
+    let (name, addr) = s.split_once('=').with_context(|| format!("--service {s:?}: expected NAME=HOST:PORT"))?;
+    if name.is_empty() || addr.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+        bail!("--service {s:?}: expected NAME=HOST:PORT");
+    }
+    Ok((name.to_string(), addr.to_string()))
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs the agent until the process ends.
+pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let began = Instant::now();
+        match control_session(&opts).await {
+            Ok(()) => tracing::warn!(device = opts.device, "relay closed the control connection"),
+            Err(e) => tracing::warn!(device = opts.device, "control connection: {e:#}"),
+        }
+        if began.elapsed() > Duration::from_secs(10) {
+            backoff = MIN_BACKOFF;
+        }
+        // Full jitter: a fleet that lost the same relay does not come back in lockstep.
+        let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        tracing::info!(device = opts.device, "reconnecting in {wait:.1?}");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn control_session(opts: &AgentOptions) -> anyhow::Result<()> {
+    let path = format!("/api/v1/agent?device={}", opts.device);
+    let ws = peer::dial(&opts.relay, &path, &opts.key).await?;
+    let mut ch = peer::channel(ws, 64 << 10);
+    let hello = FromAgent::Hello { services: opts.services.keys().cloned().collect(), version: env!("CARGO_PKG_VERSION").into() };
+    ch.tx.send(Outgoing::Text(serde_json::to_string(&hello)?))?;
+    tracing::info!(device = opts.device, relay = opts.relay.authority, "connected to relay");
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<FromAgent>();
+    loop {
+        tokio::select! {
+            incoming = ch.rx.recv() => match incoming {
+                Some(Incoming::Text(t)) => match serde_json::from_str::<ToAgent>(&t) {
+                    Ok(ToAgent::Connect { session, conn, service, token }) => {
+                        tokio::spawn(connect(opts.clone(), session, conn, service, token, fail_tx.clone()));
+                    }
+                    Err(e) => tracing::warn!("relay sent an unknown message ({e}): ignored"),
+                },
+                Some(Incoming::Closed(Some((code, reason)))) => bail!("relay closed the control connection: {code} {reason}"),
+                Some(Incoming::Closed(None)) | None => bail!("control connection lost"),
+            },
+            Some(failure) = fail_rx.recv() => {
+                ch.tx.send(Outgoing::Text(serde_json::to_string(&failure)?))?;
+            }
+        }
+    }
+}
+
+/// Serves one announced connection: dial the service, then the relay, then splice.
+async fn connect(
+    opts: AgentOptions,
+    session: String,
+    conn: u64,
+    service: String,
+    token: String,
+    failures: mpsc::UnboundedSender<FromAgent>,
+) {
+    let fail = |reason: String| {
+        tracing::warn!(session, conn, service, "{reason}");
+        let _ = failures.send(FromAgent::ConnectFailed { session: session.clone(), conn, reason });
+    };
+    let Some(addr) = opts.services.get(&service) else {
+        return fail(format!("service {service:?} is not configured on this device"));
+    };
+    let tcp = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return fail(format!("{e} at {addr}")),
+        Err(_) => return fail(format!("timed out connecting to {addr}")),
+    };
+    let _ = tcp.set_nodelay(true);
+    let path = format!("/api/v1/sessions/{session}/device?conn={conn}");
+    let ws = match peer::dial(&opts.relay, &path, &token).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::warn!(session, conn, "dialing the relay's device endpoint: {e:#}");
+            return;
+        }
+    };
+    let (r, w) = tcp.into_split();
+    let end = peer::splice(r, w, ws).await;
+    tracing::debug!(session, conn, up = end.bytes_up, down = end.bytes_down, close = ?end.close, "connection ended");
+}

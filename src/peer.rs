@@ -1,0 +1,319 @@
+//! WebSocket and HTTP plumbing shared by the edge roles (agent, client, CLI) and the relay's
+//! control channels: relay URLs, dialing with a bearer token, control-API calls, JSON message
+//! channels, and the TCP⇄WebSocket splice. Plain tokio + fastwebsockets + hyper.
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe, so it is never raced in `select!`: each
+//! socket is split and the read half lives in a task of its own.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
+use hyper::upgrade::Upgraded;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Mutex};
+
+/// The relay as the edge roles address it: `http://host:port` or `ws://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayUrl {
+    /// `host:port`, as dialed and as sent in `Host`.
+    pub authority: String,
+}
+
+impl RelayUrl {
+    pub fn parse(s: &str) -> anyhow::Result<RelayUrl> {
+        let uri: hyper::Uri = s.parse().with_context(|| format!("relay URL {s:?} is not a URL"))?;
+        match uri.scheme_str() {
+            Some("http" | "ws") => {}
+            Some("https" | "wss") => bail!("relay URL {s}: TLS (https/wss) is not supported by this build yet"),
+            _ => bail!("relay URL {s}: use http://HOST:PORT or ws://HOST:PORT"),
+        }
+        let host = uri.host().ok_or_else(|| anyhow!("relay URL {s} has no host"))?;
+        let port = uri.port_u16().unwrap_or(80);
+        if !matches!(uri.path(), "" | "/") {
+            bail!("relay URL {s}: give only scheme, host and port (no path)");
+        }
+        Ok(RelayUrl { authority: format!("{host}:{port}") })
+    }
+
+    /// Splits a full `ws://host:port/path` URL (as the relay returns in `client_url`).
+    pub fn split_ws_url(s: &str) -> anyhow::Result<(RelayUrl, String)> {
+        let uri: hyper::Uri = s.parse().with_context(|| format!("{s:?} is not a URL"))?;
+        let pq = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let base = format!("{}://{}", uri.scheme_str().unwrap_or("ws"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
+        Ok((RelayUrl::parse(&base)?, pq))
+    }
+
+    async fn connect(&self) -> anyhow::Result<TcpStream> {
+        let tcp = TcpStream::connect(&self.authority)
+            .await
+            .with_context(|| format!("connecting to the relay at {}", self.authority))?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+}
+
+/// The socket type every dialed or accepted WebSocket runs on.
+pub type Ws = WebSocket<TokioIo<Upgraded>>;
+
+/// Opens a WebSocket to `path` on the relay, authenticating with `bearer`. A refusal comes back
+/// as an error with the relay's status and message.
+pub async fn dial(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<Ws> {
+    let tcp = relay.connect().await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header(HOST, &relay.authority)
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
+        .header("Sec-WebSocket-Version", "13")
+        .header(AUTHORIZATION, format!("Bearer {bearer}"))
+        .body(Empty::<Bytes>::new())?;
+    let mut resp = sender.send_request(req).await.with_context(|| format!("WebSocket handshake for {path}"))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        bail!("relay refused {path}: {status} {}", error_text(&body));
+    }
+    let upgraded = hyper::upgrade::on(&mut resp).await?;
+    Ok(WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client))
+}
+
+/// The `error` field of a control-API error body, or the body itself.
+fn error_text(body: &[u8]) -> String {
+    serde_json::from_slice::<crate::proto::ApiError>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_string())
+}
+
+/// One control-API call. Returns the status and body; non-2xx answers are errors carrying the
+/// relay's message.
+pub async fn api(relay: &RelayUrl, method: Method, path: &str, token: &str, body: Option<String>) -> anyhow::Result<Bytes> {
+    let tcp = relay.connect().await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header(HOST, &relay.authority)
+        .header(AUTHORIZATION, format!("Bearer {token}"));
+    if body.is_some() {
+        req = req.header(CONTENT_TYPE, "application/json");
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let resp = sender.send_request(req).await.with_context(|| format!("{method} {path}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{method} {path}: {status}: {}", error_text(&body));
+    }
+    Ok(body)
+}
+
+/// What a JSON control channel delivers.
+#[derive(Debug)]
+pub enum Incoming {
+    Text(String),
+    /// The peer closed (with its code and reason) or the connection broke (`None`).
+    Closed(Option<(u16, String)>),
+}
+
+/// What a JSON control channel sends.
+#[derive(Debug)]
+pub enum Outgoing {
+    Text(String),
+    Ping,
+    Close(u16, String),
+}
+
+/// A WebSocket carrying text messages, driven by a reader and a writer task.
+pub struct Channel {
+    pub tx: mpsc::UnboundedSender<Outgoing>,
+    pub rx: mpsc::Receiver<Incoming>,
+}
+
+/// Splits `ws` into a [`Channel`]. Messages larger than `max_message` close it with 1009.
+pub fn channel(mut ws: Ws, max_message: usize) -> Channel {
+    ws.set_max_message_size(max_message);
+    ws.set_auto_close(false);
+    let (read, mut write) = ws.split(tokio::io::split);
+    let mut read = fastwebsockets::FragmentCollectorRead::new(read);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (in_tx, in_rx) = mpsc::channel(64);
+    let (obliged_tx, mut obliged_rx) = mpsc::unbounded_channel::<Frame<'static>>();
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::select! {
+                out = out_rx.recv() => match out {
+                    Some(Outgoing::Text(t)) => Frame::text(Payload::Owned(t.into_bytes())),
+                    Some(Outgoing::Ping) => Frame::new(true, OpCode::Ping, None, Payload::Owned(Vec::new())),
+                    Some(Outgoing::Close(code, reason)) => {
+                        let _ = write.write_frame(Frame::close(code, reason.as_bytes())).await;
+                        break;
+                    }
+                    None => break,
+                },
+                obliged = obliged_rx.recv() => match obliged {
+                    Some(f) => f,
+                    None => break,
+                },
+            };
+            if write.write_frame(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let closed = loop {
+            let obliged = obliged_tx.clone();
+            let mut send = move |f: Frame<'_>| {
+                let owned = Frame::new(f.fin, f.opcode, None, Payload::Owned(f.payload.to_vec()));
+                let _ = obliged.send(owned);
+                std::future::ready(Ok::<(), std::convert::Infallible>(()))
+            };
+            match read.read_frame(&mut send).await {
+                Ok(f) if f.opcode == OpCode::Text => {
+                    let text = String::from_utf8_lossy(&f.payload).into_owned();
+                    if in_tx.send(Incoming::Text(text)).await.is_err() {
+                        break None;
+                    }
+                }
+                Ok(f) if f.opcode == OpCode::Close => {
+                    let info = close_info(&f.payload);
+                    let (code, reason) = info.clone().unwrap_or((1000, String::new()));
+                    let _ = obliged_tx.send(Frame::close(code, reason.as_bytes()).into_static());
+                    break info.or(Some((1005, String::new())));
+                }
+                Ok(_) => {}
+                Err(WebSocketError::FrameTooLarge) => {
+                    let _ = obliged_tx.send(Frame::close(1009, b"control message too large").into_static());
+                    break Some((1009, "control message too large".into()));
+                }
+                Err(_) => break None,
+            }
+        };
+        let _ = in_tx.send(Incoming::Closed(closed)).await;
+    });
+    Channel { tx: out_tx, rx: in_rx }
+}
+
+trait IntoStatic {
+    fn into_static(self) -> Frame<'static>;
+}
+
+impl IntoStatic for Frame<'_> {
+    fn into_static(self) -> Frame<'static> {
+        Frame::new(self.fin, self.opcode, None, Payload::Owned(self.payload.to_vec()))
+    }
+}
+
+/// Code and reason of a Close payload.
+fn close_info(payload: &[u8]) -> Option<(u16, String)> {
+    (payload.len() >= 2)
+        .then(|| (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned()))
+}
+
+/// How a spliced connection ended, from the WebSocket side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpliceEnd {
+    /// The Close the far side (or the relay) sent, if one arrived.
+    pub close: Option<(u16, String)>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<TokioIo<Upgraded>>>;
+
+/// Carries one TCP connection over one data WebSocket, both ways, until both are done.
+///
+/// TCP half-close maps onto the close handshake: local EOF sends Close 1000 and keeps reading;
+/// a Close 1000 from the far side shuts our TCP write half and keeps sending until local EOF.
+/// Any other close code aborts both directions at once.
+pub async fn splice<R, W>(mut tcp_r: R, mut tcp_w: W, mut ws: Ws) -> SpliceEnd
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    ws.set_auto_close(false);
+    ws.set_max_message_size(64 << 20);
+    let (mut read, write) = ws.split(tokio::io::split);
+    let write: Arc<Mutex<WsWrite>> = Arc::new(Mutex::new(write));
+
+    let up_write = write.clone();
+    let mut up: Pin<Box<dyn Future<Output = u64> + Send>> = Box::pin(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut total = 0u64;
+        loop {
+            let n = match tcp_r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let frame = Frame::binary(Payload::Borrowed(&buf[..n]));
+            if up_write.lock().await.write_frame(frame).await.is_err() {
+                return total;
+            }
+            total += n as u64;
+        }
+        let _ = up_write.lock().await.write_frame(Frame::close(1000, b"")).await;
+        total
+    });
+
+    let down_write = write.clone();
+    let down = async move {
+        let mut total = 0u64;
+        let close = loop {
+            let w = down_write.clone();
+            let mut send = move |f: Frame<'_>| {
+                let owned = f.into_static();
+                let w = w.clone();
+                async move { w.lock().await.write_frame(owned).await }
+            };
+            match read.read_frame(&mut send).await {
+                Ok(f) => match f.opcode {
+                    OpCode::Binary | OpCode::Continuation | OpCode::Text => {
+                        if tcp_w.write_all(&f.payload).await.is_err() {
+                            break None;
+                        }
+                        total += f.payload.len() as u64;
+                    }
+                    OpCode::Close => break Some(close_info(&f.payload).unwrap_or((1005, String::new()))),
+                    OpCode::Ping | OpCode::Pong => {}
+                },
+                Err(_) => break None,
+            }
+        };
+        let _ = tcp_w.shutdown().await;
+        (close, total)
+    };
+    tokio::pin!(down);
+
+    let mut bytes_up = None;
+    let (close, bytes_down) = tokio::select! {
+        r = &mut down => r,
+        n = &mut up => { bytes_up = Some(n); (&mut down).await }
+    };
+    let bytes_up = match (bytes_up, &close) {
+        (Some(n), _) => n,
+        // The far side finished cleanly: keep sending until our side is done too.
+        (None, Some((1000, _))) => up.await,
+        // Aborted: stop reading the local side; its socket closes when dropped.
+        _ => {
+            drop(up);
+            0
+        }
+    };
+    SpliceEnd { close, bytes_up, bytes_down }
+}

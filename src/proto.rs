@@ -1,0 +1,111 @@
+//! What travels as JSON: the control API's bodies, the agent's control channel and the
+//! session control channel. Data connections carry only binary frames and never touch this.
+
+use serde::{Deserialize, Serialize};
+
+/// Relay → agent, on the agent's control connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToAgent {
+    /// Dial `service` locally, then the session's device endpoint for connection `conn`,
+    /// presenting `token`.
+    Connect { session: String, conn: u64, service: String, token: String },
+}
+
+/// Agent → relay, on the agent's control connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FromAgent {
+    /// Sent once after connecting: the services this agent's own configuration names.
+    Hello { services: Vec<String>, version: String },
+    /// The agent could not reach the service for `conn` (or refused to: not configured).
+    ConnectFailed { session: String, conn: u64, reason: String },
+}
+
+/// Relay → client, on the session control connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SessionEvent {
+    /// First message: the session as the relay sees it now.
+    Ready { session: String, device: String, service: String, device_online: bool, expires_at: u64 },
+    DeviceOffline,
+    DeviceOnline,
+    /// The session is ending; the connection then closes with `code`.
+    Closing { code: u16, reason: String },
+}
+
+/// `POST /api/v1/sessions` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartSession {
+    pub device: String,
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// `POST /api/v1/sessions` answer (201).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStarted {
+    pub id: String,
+    pub client_url: String,
+    pub client_token: String,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+/// A session in `GET /api/v1/sessions[/{id}]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub device: String,
+    pub service: String,
+    pub operator: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub device_online: bool,
+    pub client_connected: bool,
+    pub connections: usize,
+    pub bytes_to_device: u64,
+    pub bytes_to_client: u64,
+}
+
+/// A device in `GET /api/v1/devices`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub online: bool,
+    pub services: Vec<String>,
+    /// Unix seconds since the current control connection came up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<u64>,
+}
+
+/// Every error body of the control API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_messages_are_tagged_json() {
+        let m = ToAgent::Connect { session: "s".into(), conn: 7, service: "ssh".into(), token: "t".into() };
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(j, r#"{"type":"connect","session":"s","conn":7,"service":"ssh","token":"t"}"#);
+        assert_eq!(serde_json::from_str::<ToAgent>(&j).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_message_types_and_fields_are_rejected() {
+        assert!(serde_json::from_str::<FromAgent>(r#"{"type":"launch_missiles"}"#).is_err());
+        assert!(serde_json::from_str::<FromAgent>(r#"{"type":"hello","services":[],"version":"1","x":1}"#).is_err());
+    }
+}

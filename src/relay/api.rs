@@ -1,0 +1,275 @@
+//! The relay's HTTP side on hyper: the control API, health and metrics, and every WebSocket
+//! upgrade (agent control, session control, client and device data connections). Data
+//! connections leave hyper right after the `101`: the socket and the bytes hyper read past the
+//! request go to the owning worker's data plane.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+
+use super::dataplane::Cmd;
+use super::metrics::HandshakeFailure;
+use super::state::{ClientConn, Refusal};
+use super::{channels, Relay};
+use crate::proto::{ApiError, StartSession};
+use crate::ws::CloseCode;
+
+type Resp = Response<Full<Bytes>>;
+
+/// Accepts connections on this worker's copy of the listener and serves each with hyper.
+pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, worker: usize) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(worker, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let relay = relay.clone();
+        tokio::task::spawn_local(async move {
+            let svc = service_fn(move |req| {
+                let relay = relay.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(req, relay, peer).await) }
+            });
+            let _ = http1::Builder::new()
+                .max_buf_size(64 << 10)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Resp {
+    let bytes = serde_json::to_vec(body).expect("API types serialize");
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("static response parts")
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Resp {
+    json(status, &ApiError { error: message.into() })
+}
+
+fn refused(relay: &Relay, r: Refusal) -> Resp {
+    if let Some(why) = r.why {
+        relay.metrics.handshake_failed(why);
+    }
+    error(r.status, r.message)
+}
+
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers().get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"] | ["api", "v1", "healthz"]) => {
+            Response::new(Full::new(Bytes::from_static(b"ok\n")))
+        }
+        (&Method::GET, ["metrics"] | ["api", "v1", "metrics"]) => {
+            let (sessions, agents) = relay.counts();
+            Response::builder()
+                .header(CONTENT_TYPE, "text/plain; version=0.0.4")
+                .body(Full::new(Bytes::from(relay.metrics.render(sessions, agents))))
+                .expect("static response parts")
+        }
+        (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay).await,
+        (_, ["api", "v1", "sessions", id, "control"]) => {
+            let id = id.to_string();
+            control_upgrade(req, relay, id).await
+        }
+        (_, ["api", "v1", "sessions", id, "client"]) => {
+            let id = id.to_string();
+            client_upgrade(req, relay, id, peer).await
+        }
+        (_, ["api", "v1", "sessions", id, "device"]) => {
+            let id = id.to_string();
+            device_upgrade(req, relay, id).await
+        }
+        (_, ["api", "v1", ..]) => operator_api(req, relay, segments.iter().map(|s| s.to_string()).collect()).await,
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, segments: Vec<String>) -> Resp {
+    let Some(operator) = bearer(&req).and_then(|t| relay.config.operator(t)).map(|o| o.name.clone()) else {
+        relay.metrics.handshake_failed(HandshakeFailure::BadToken);
+        return error(StatusCode::UNAUTHORIZED, "invalid credentials");
+    };
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match (req.method().clone(), &segs[2..]) {
+        (Method::POST, ["sessions"]) => {
+            let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
+            let body = match Limited::new(req.into_body(), 64 << 10).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB"),
+            };
+            let start: StartSession = match serde_json::from_slice(&body) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid session request: {e}")),
+            };
+            match relay.start_session(&operator, start, &host) {
+                Ok(started) => {
+                    tracing::info!(operator, session = started.id, "session started");
+                    json(StatusCode::CREATED, &started)
+                }
+                Err(r) => refused(&relay, r),
+            }
+        }
+        (Method::GET, ["sessions"]) => json(StatusCode::OK, &relay.sessions()),
+        (Method::GET, ["sessions", id]) => match relay.session(id) {
+            Some(info) => json(StatusCode::OK, &info),
+            None => error(StatusCode::NOT_FOUND, "no such session"),
+        },
+        (Method::DELETE, ["sessions", id]) => {
+            if relay.close_session(id, CloseCode::SESSION_CLOSED, &format!("session closed by operator {operator}")) {
+                Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).expect("static response parts")
+            } else {
+                error(StatusCode::NOT_FOUND, "no such session")
+            }
+        }
+        (Method::GET, ["devices"]) => json(StatusCode::OK, &relay.devices()),
+        (_, ["sessions"] | ["sessions", _] | ["devices"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+/// Starts the WebSocket handshake, or says why it cannot.
+fn upgrade(relay: &Relay, req: &mut Request<Incoming>) -> Result<(Resp, fastwebsockets::upgrade::UpgradeFut), Resp> {
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        relay.metrics.handshake_failed(HandshakeFailure::NotWebSocket);
+        return Err(error(StatusCode::UPGRADE_REQUIRED, "this endpoint takes a WebSocket upgrade"));
+    }
+    match fastwebsockets::upgrade::upgrade(req) {
+        Ok((resp, fut)) => Ok((resp.map(|_| Full::default()), fut)),
+        Err(e) => {
+            relay.metrics.handshake_failed(HandshakeFailure::Malformed);
+            Err(error(StatusCode::BAD_REQUEST, format!("bad WebSocket handshake: {e}")))
+        }
+    }
+}
+
+async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>) -> Resp {
+    let Some(device) = query(&req, "device").map(str::to_string) else {
+        relay.metrics.handshake_failed(HandshakeFailure::Malformed);
+        return error(StatusCode::BAD_REQUEST, "missing ?device=ID");
+    };
+    if let Err(r) = relay.device_key_ok(&device, bearer(&req).unwrap_or("")) {
+        return refused(&relay, r);
+    }
+    let (resp, fut) = match upgrade(&relay, &mut req) {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    tokio::task::spawn_local(async move {
+        if let Ok(ws) = fut.await {
+            channels::agent(ws, device, relay).await;
+        }
+    });
+    resp
+}
+
+async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Resp {
+    let token = bearer(&req).unwrap_or("").to_string();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (attachment, ready) = match relay.attach_control(&session, &token, tx) {
+        Ok(x) => x,
+        Err(r) => return refused(&relay, r),
+    };
+    let (resp, fut) = match upgrade(&relay, &mut req) {
+        Ok(x) => x,
+        Err(resp) => {
+            relay.detach_control(&session, attachment);
+            return resp;
+        }
+    };
+    tokio::task::spawn_local(async move {
+        match fut.await {
+            Ok(ws) => channels::session_control(ws, ready, rx).await,
+            Err(_) => {}
+        }
+        relay.detach_control(&session, attachment);
+    });
+    resp
+}
+
+/// The socket under an upgraded connection, and what hyper had read past the request.
+async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(std::net::TcpStream, Bytes)> {
+    let ws = fut.await.ok()?;
+    let upgraded = ws.into_inner().into_inner();
+    let parts = upgraded.downcast::<TokioIo<tokio::net::TcpStream>>().ok()?;
+    let stream = parts.io.into_inner().into_std().ok()?;
+    Some((stream, parts.read_buf))
+}
+
+async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Resp {
+    let token = bearer(&req).unwrap_or("").to_string();
+    let conn: ClientConn = match relay.client_conn(&session, &token) {
+        Ok(c) => c,
+        Err(r) => return refused(&relay, r),
+    };
+    let (resp, fut) = match upgrade(&relay, &mut req) {
+        Ok(x) => x,
+        Err(resp) => {
+            relay.conn_ended(&conn.session, conn.conn, Default::default());
+            return resp;
+        }
+    };
+    tokio::task::spawn_local(async move {
+        let Some((stream, leftover)) = take_socket(fut).await else {
+            relay.conn_ended(&conn.session, conn.conn, Default::default());
+            return;
+        };
+        tracing::debug!(session = %conn.session, conn = conn.conn, %peer, "client connection");
+        relay.send_to_worker(
+            conn.worker,
+            Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover },
+        );
+        relay.announce_conn(&conn);
+    });
+    resp
+}
+
+async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Resp {
+    let token = bearer(&req).unwrap_or("").to_string();
+    let Some(conn) = query(&req, "conn").and_then(|c| c.parse::<u64>().ok()) else {
+        relay.metrics.handshake_failed(HandshakeFailure::Malformed);
+        return error(StatusCode::BAD_REQUEST, "missing ?conn=N");
+    };
+    let worker = match relay.device_conn(&session, conn, &token) {
+        Ok(w) => w,
+        Err(r) => return refused(&relay, r),
+    };
+    let (resp, fut) = match upgrade(&relay, &mut req) {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    tokio::task::spawn_local(async move {
+        if let Some((stream, leftover)) = take_socket(fut).await {
+            relay.send_to_worker(worker, Cmd::Device { conn, stream, leftover });
+        }
+    });
+    resp
+}

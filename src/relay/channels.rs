@@ -1,0 +1,105 @@
+//! The relay's two JSON control channels: the agent's (one per device) and the session's (one
+//! per client). Plain tokio + fastwebsockets; nothing here is on the data path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::Relay;
+use crate::peer::{self, Incoming, Outgoing, Ws};
+use crate::proto::{FromAgent, SessionEvent, ToAgent};
+use crate::ws::CloseCode;
+
+/// Largest JSON message accepted on a control channel.
+const MAX_CONTROL_MESSAGE: usize = 64 << 10;
+/// Keepalive: a ping this often; a channel silent for three periods is dead.
+const PING_EVERY: Duration = Duration::from_secs(10);
+
+/// Serves one agent's control connection until it closes or breaks.
+pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
+    let mut ch = peer::channel(ws, MAX_CONTROL_MESSAGE);
+    // The first message must be the agent's hello, naming its services.
+    let services = match tokio::time::timeout(Duration::from_secs(10), ch.rx.recv()).await {
+        Ok(Some(Incoming::Text(t))) => match serde_json::from_str::<FromAgent>(&t) {
+            Ok(FromAgent::Hello { services, .. }) => services,
+            _ => {
+                let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, "expected a hello message".into()));
+                return;
+            }
+        },
+        _ => {
+            let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, "expected a hello message".into()));
+            return;
+        }
+    };
+    let (to_agent, mut from_relay) = mpsc::unbounded_channel::<ToAgent>();
+    let generation = relay.agent_up(&device, services, to_agent);
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut silent = 0;
+    loop {
+        tokio::select! {
+            msg = from_relay.recv() => match msg {
+                Some(m) => {
+                    let _ = ch.tx.send(Outgoing::Text(serde_json::to_string(&m).expect("ToAgent serializes")));
+                }
+                None => break,
+            },
+            incoming = ch.rx.recv() => match incoming {
+                Some(Incoming::Text(t)) => {
+                    silent = 0;
+                    match serde_json::from_str::<FromAgent>(&t) {
+                        Ok(FromAgent::ConnectFailed { session, conn, reason }) => {
+                            relay.connect_failed(&device, &session, conn, &reason)
+                        }
+                        Ok(FromAgent::Hello { .. }) => {}
+                        Err(e) => {
+                            let reason = format!("invalid message: {e}");
+                            tracing::warn!(device, "agent sent an {reason}");
+                            let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, reason));
+                            break;
+                        }
+                    }
+                }
+                Some(Incoming::Closed(_)) | None => break,
+            },
+            _ = ping.tick() => {
+                silent += 1;
+                if silent > 3 {
+                    tracing::warn!(device, "agent stopped answering pings");
+                    break;
+                }
+                let _ = ch.tx.send(Outgoing::Ping);
+            }
+        }
+    }
+    relay.agent_down(&device, generation);
+}
+
+/// Serves a client's session control connection: pushes session events until it ends.
+pub async fn session_control(ws: Ws, ready: SessionEvent, mut events: mpsc::UnboundedReceiver<SessionEvent>) {
+    let mut ch = peer::channel(ws, MAX_CONTROL_MESSAGE);
+    let send = |ch: &peer::Channel, e: &SessionEvent| {
+        let _ = ch.tx.send(Outgoing::Text(serde_json::to_string(e).expect("events serialize")));
+    };
+    send(&ch, &ready);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(SessionEvent::Closing { code, reason }) => {
+                    send(&ch, &SessionEvent::Closing { code, reason: reason.clone() });
+                    let _ = ch.tx.send(Outgoing::Close(code, reason));
+                    // Give the writer a moment to flush the close before the task ends.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ch.rx.recv()).await;
+                    return;
+                }
+                Some(e) => send(&ch, &e),
+                None => return,
+            },
+            incoming = ch.rx.recv() => match incoming {
+                Some(Incoming::Text(_)) => {}
+                Some(Incoming::Closed(_)) | None => return,
+            },
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The relay's data plane: worker threads, each with its own runtime, tunnel table and buffer
+//! pool, forwarding paired WebSocket connections with the in-place codec.
+//!
+//! This is the only part of ringway that imports tokio_uring (in `uring`). The backend seam is
+//! small: a backend adopts a socket ([`tunnel::Io`]) and owns a pool ([`tunnel::Pool`]); the
+//! forwarding logic in `tunnel` is written once for both. `epoll` is the fallback for machines
+//! without io_uring (Docker's default seccomp profile, old kernels), chosen by [`probe`] at
+//! start or forced with `--backend`.
+//!
+//! Both sockets of a connection live on one worker: the control plane hands every upgraded
+//! socket (with the bytes hyper read past the request) to the owner worker as a [`Cmd`].
+
+mod epoll;
+mod tunnel;
+mod uring;
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::relay::state::ConnEnd;
+use crate::relay::Relay;
+use crate::ws::CloseCode;
+use tunnel::{Entry, Table, TunnelCtl};
+
+/// Which forwarding engine the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// io_uring through tokio-uring, with a registered fixed-buffer pool.
+    Uring,
+    /// tokio on epoll, readiness first, with a shared buffer pool.
+    Epoll,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Uring => "io_uring",
+            BackendKind::Epoll => "epoll",
+        })
+    }
+}
+
+/// Whether this process may create an io_uring; `Err` says why not.
+pub fn probe() -> io::Result<()> {
+    tokio_uring::uring_builder().build(8).map(drop)
+}
+
+/// What the control plane hands a worker.
+pub enum Cmd {
+    /// A client data connection upgraded; park it until its device side arrives.
+    Client { conn: u64, session: Arc<str>, stream: std::net::TcpStream, leftover: Bytes },
+    /// The device side of `conn` upgraded; pair it and start forwarding.
+    Device { conn: u64, stream: std::net::TcpStream, leftover: Bytes },
+    /// End `conn` with this close code on both sides.
+    Close { conn: u64, code: CloseCode, reason: String },
+}
+
+/// A backend: how sockets are adopted and buffers pooled.
+pub(crate) trait Backend: 'static {
+    type Pool: tunnel::Pool + 'static;
+    type Io: tunnel::Io<Buf = <Self::Pool as tunnel::Pool>::Buf> + 'static;
+    fn adopt(stream: std::net::TcpStream) -> io::Result<Self::Io>;
+}
+
+/// Runs worker thread `index` until the process ends: its runtime, the control plane's accept
+/// loop on `listener`, and the data-plane loop fed by `rx`.
+pub fn run_worker(
+    kind: BackendKind,
+    index: usize,
+    listener: std::net::TcpListener,
+    rx: mpsc::UnboundedReceiver<Cmd>,
+    relay: Arc<Relay>,
+) -> anyhow::Result<()> {
+    let dp = relay.config.dataplane.clone();
+    match kind {
+        BackendKind::Uring => tokio_uring::builder().entries(2048).start(async move {
+            let pool = Rc::new(uring::UringPool::new(dp.buffers, dp.buffer_size, index));
+            thread_main::<uring::Uring>(index, pool, listener, rx, relay).await
+        }),
+        BackendKind::Epoll => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let pool = Rc::new(epoll::EpollPool::new(dp.buffers, dp.buffer_size));
+                thread_main::<epoll::Epoll>(index, pool, listener, rx, relay).await
+            })
+        }
+    }
+}
+
+async fn thread_main<B: Backend>(
+    index: usize,
+    pool: Rc<B::Pool>,
+    listener: std::net::TcpListener,
+    rx: mpsc::UnboundedReceiver<Cmd>,
+    relay: Arc<Relay>,
+) -> anyhow::Result<()> {
+    relay.metrics.buffers_total.fetch_add(relay.config.dataplane.buffers as u64, Relaxed);
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::task::spawn_local(crate::relay::api::accept_loop(listener, relay.clone(), index));
+    worker_loop::<B>(pool, rx, relay).await;
+    Ok(())
+}
+
+async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedReceiver<Cmd>, relay: Arc<Relay>) {
+    let table: Rc<RefCell<Table<B::Io>>> = Rc::new(RefCell::new(Table::new()));
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Cmd::Client { conn, session, stream, leftover } => {
+                let client = match B::adopt(stream) {
+                    Ok(io) => io,
+                    Err(e) => {
+                        relay.conn_ended(&session, conn, ConnEnd::failed(format!("adopting client socket: {e}")));
+                        continue;
+                    }
+                };
+                table.borrow_mut().insert(conn, session.clone(), Entry::Pending { client, leftover });
+                let (table, relay) = (table.clone(), relay.clone());
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(Duration::from_secs(relay.config.limits.pair_timeout_secs)).await;
+                    let pending = matches!(table.borrow().get(conn), Some(Entry::Pending { .. }));
+                    if pending {
+                        let reason = "device did not open the connection in time";
+                        close_pending::<B>(&table, &relay, conn, CloseCode::SERVICE_UNREACHABLE, reason).await;
+                    }
+                });
+            }
+            Cmd::Device { conn, stream, leftover } => {
+                let Ok(device) = B::adopt(stream) else { continue };
+                let pending = matches!(table.borrow().get(conn), Some(Entry::Pending { .. }));
+                if !pending {
+                    tokio::task::spawn_local(tunnel::refuse(device, CloseCode::POLICY_VIOLATION, "no connection waits for this device side"));
+                    continue;
+                }
+                let Some((session, Entry::Pending { client, leftover: client_leftover })) = table.borrow_mut().remove(conn) else {
+                    unreachable!("checked pending above")
+                };
+                let ctl = Rc::new(TunnelCtl::new());
+                table.borrow_mut().insert(conn, session.clone(), Entry::Active(ctl.clone()));
+                let (table, relay, pool) = (table.clone(), relay.clone(), pool.clone());
+                tokio::task::spawn_local(async move {
+                    relay.metrics.tunnels_active.fetch_add(1, Relaxed);
+                    let end = tunnel::run_tunnel(client, client_leftover, device, leftover, &*pool, &ctl, &relay).await;
+                    relay.metrics.tunnels_active.fetch_sub(1, Relaxed);
+                    table.borrow_mut().remove(conn);
+                    relay.conn_ended(&session, conn, end);
+                });
+            }
+            Cmd::Close { conn, code, reason } => {
+                let active = match table.borrow().get(conn) {
+                    Some(Entry::Active(ctl)) => Some(ctl.clone()),
+                    Some(Entry::Pending { .. }) => None,
+                    None => continue,
+                };
+                match active {
+                    Some(ctl) => ctl.close(code, &reason),
+                    None => {
+                        let (table, relay) = (table.clone(), relay.clone());
+                        tokio::task::spawn_local(async move { close_pending::<B>(&table, &relay, conn, code, &reason).await });
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn close_pending<B: Backend>(
+    table: &RefCell<Table<B::Io>>,
+    relay: &Relay,
+    conn: u64,
+    code: CloseCode,
+    reason: &str,
+) {
+    let removed = table.borrow_mut().remove(conn);
+    if let Some((session, Entry::Pending { client, .. })) = removed {
+        tunnel::refuse(client, code, reason).await;
+        relay.conn_ended(&session, conn, ConnEnd::failed(format!("{code} {reason}")));
+    }
+}

@@ -1,0 +1,327 @@
+//! Backend-independent tunnel logic: the two pumps of a paired connection, how a tunnel ends,
+//! and the per-worker tunnel table. The backends (`uring`, `epoll`) supply sockets ([`Io`]) and
+//! a buffer pool ([`Pool`]); everything else — readiness first, one buffer checked out only
+//! while bytes are in flight, in-place forwarding, close codes — is written once, here.
+//!
+//! Rules this module keeps (DESIGN.md, tokio-uring hazards): a read or write that was started
+//! is always awaited to completion, never dropped; only readiness waits and buffer waits are
+//! raced against a stop signal, and those are cancel-safe.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::ops::{DerefMut, Range};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::relay::state::ConnEnd;
+use crate::relay::Relay;
+use crate::ws::encode::{self, ControlFrame};
+use crate::ws::{CloseCode, Event, FrameError, Forwarder, HEADROOM};
+
+/// A buffer pool that hands buffers out first come, first served.
+pub(crate) trait Pool {
+    type Buf: DerefMut<Target = [u8]>;
+    /// Waits (fairly, FIFO) for a free buffer. Cancel-safe.
+    async fn acquire(&self) -> Self::Buf;
+    fn release(&self, buf: Self::Buf);
+}
+
+/// One side's socket as the data plane drives it.
+pub(crate) trait Io {
+    type Buf: DerefMut<Target = [u8]>;
+    /// Proof of readiness, passed to `read` so it can clear readiness it consumed.
+    type Ready<'a>
+    where
+        Self: 'a;
+    /// Waits until the socket has bytes (or EOF) to read. Cancel-safe: no buffer, no IO.
+    async fn readable(&self) -> io::Result<Self::Ready<'_>>;
+    /// Reads into `buf[HEADROOM..]`. `Ok(None)`: the readiness was stale, nothing was read.
+    async fn read<'a>(&'a self, ready: Self::Ready<'a>, buf: Self::Buf) -> (io::Result<Option<usize>>, Self::Buf);
+    /// Writes all of `buf[range]`.
+    async fn write(&self, buf: Self::Buf, range: Range<usize>) -> (io::Result<()>, Self::Buf);
+    /// Writes a small frame of the relay's own.
+    async fn write_small(&self, bytes: &[u8]) -> io::Result<()>;
+    /// Shuts both directions down (ends any peer's wait on us).
+    fn shutdown(&self);
+}
+
+/// Which way a pump moves bytes. The index of each tunnel array below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    ToDevice = 0,
+    ToClient = 1,
+}
+
+impl Dir {
+    fn source(self) -> &'static str {
+        match self {
+            Dir::ToDevice => "client",
+            Dir::ToClient => "device",
+        }
+    }
+}
+
+/// How one pump ended.
+#[derive(Debug)]
+pub(crate) enum PumpEnd {
+    /// The source's Close frame was forwarded: a normal close, the other side answers.
+    Closed,
+    /// The source went away without a Close (EOF or socket error).
+    Gone,
+    /// The source broke the framing rules.
+    Violation(FrameError),
+    /// The tunnel told it to stop.
+    Stopped,
+}
+
+/// Shared by a tunnel's two pumps and whoever may close it from outside.
+pub(crate) struct TunnelCtl {
+    /// Flips to true once; both pumps race their readiness and buffer waits against it.
+    stop: watch::Sender<bool>,
+    /// The Close frame each pump writes to its destination on its way out (index: [`Dir`]).
+    farewell: RefCell<[Option<ControlFrame>; 2]>,
+}
+
+impl TunnelCtl {
+    pub(crate) fn new() -> TunnelCtl {
+        TunnelCtl { stop: watch::Sender::new(false), farewell: RefCell::new([None, None]) }
+    }
+
+    /// Asks both pumps to stop, each first sending its farewell frame if it has one (the first
+    /// stop's farewells win).
+    pub(crate) fn stop(&self, to_device: Option<ControlFrame>, to_client: Option<ControlFrame>) {
+        let mut f = self.farewell.borrow_mut();
+        f[0] = f[0].or(to_device);
+        f[1] = f[1].or(to_client);
+        self.stop.send_replace(true);
+    }
+
+    /// Closes both sides with the same code and reason.
+    pub(crate) fn close(&self, code: CloseCode, reason: &str) {
+        let frame = encode::close(code, reason);
+        self.stop(Some(frame), Some(frame));
+    }
+
+    async fn stopped(&self) {
+        let mut rx = self.stop.subscribe();
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+}
+
+/// Bytes moved, per direction.
+#[derive(Default)]
+pub(crate) struct Moved([Cell<u64>; 2]);
+
+/// Moves frames from `src` to `dst` until the source closes, breaks, or the tunnel stops.
+#[allow(clippy::too_many_arguments)]
+async fn pump<I: Io, P: Pool<Buf = I::Buf>>(
+    dir: Dir,
+    src: &I,
+    dst: &I,
+    mut leftover: Bytes,
+    pool: &P,
+    ctl: &TunnelCtl,
+    relay: &Relay,
+    moved: &Moved,
+) -> PumpEnd {
+    let mut fwd = Forwarder::new(relay.config.limits.max_frame_bytes);
+    let counter = match dir {
+        Dir::ToDevice => &relay.metrics.bytes_to_device,
+        Dir::ToClient => &relay.metrics.bytes_to_client,
+    };
+    let end = loop {
+        let ready = if leftover.is_empty() {
+            tokio::select! {
+                biased;
+                _ = ctl.stopped() => break PumpEnd::Stopped,
+                ready = src.readable() => match ready {
+                    Ok(r) => Some(r),
+                    Err(_) => break PumpEnd::Gone,
+                },
+            }
+        } else {
+            None
+        };
+        let mut buf = tokio::select! {
+            biased;
+            _ = ctl.stopped() => break PumpEnd::Stopped,
+            buf = pool.acquire() => buf,
+        };
+        relay.metrics.buffers_in_use.fetch_add(1, Relaxed);
+        let cap = buf.len() - HEADROOM;
+        // From here on the buffer is in flight: every operation is awaited to completion.
+        let (read, b) = match ready {
+            Some(ready) => src.read(ready, buf).await,
+            None => {
+                let n = leftover.len().min(cap);
+                buf[HEADROOM..HEADROOM + n].copy_from_slice(&leftover.split_to(n));
+                (Ok(Some(n)), buf)
+            }
+        };
+        buf = b;
+        let n = match read {
+            Ok(Some(0)) | Err(_) => {
+                release(pool, relay, buf);
+                break PumpEnd::Gone;
+            }
+            Ok(None) => {
+                release(pool, relay, buf);
+                continue;
+            }
+            Ok(Some(n)) => n,
+        };
+        let forwarded = fwd.forward(&mut buf, HEADROOM..HEADROOM + n, |_: Event<'_>| {});
+        let (out, violation) = match forwarded {
+            Ok(out) => (out, None),
+            Err(e) => (e.out.clone(), Some(e.error)),
+        };
+        let mut failed = false;
+        if !out.is_empty() && violation.is_none() {
+            let len = out.len() as u64;
+            let (res, b) = dst.write(buf, out).await;
+            buf = b;
+            failed = res.is_err();
+            if !failed {
+                counter.fetch_add(len, Relaxed);
+                moved.0[dir as usize].set(moved.0[dir as usize].get() + len);
+            }
+        }
+        release(pool, relay, buf);
+        if let Some(e) = violation {
+            break PumpEnd::Violation(e);
+        }
+        if failed {
+            // The destination is gone; the other pump will see it too.
+            break PumpEnd::Stopped;
+        }
+        if fwd.closed() {
+            break PumpEnd::Closed;
+        }
+    };
+
+    // On the way out, tell the destination why, if a frame of ours can still go there.
+    let farewell = match &end {
+        PumpEnd::Gone => Some(encode::close(CloseCode::GOING_AWAY, &format!("{} disconnected", dir.source()))),
+        PumpEnd::Violation(e) => {
+            Some(encode::close(CloseCode::GOING_AWAY, &format!("{} broke the protocol: {e}", dir.source())))
+        }
+        PumpEnd::Stopped => ctl.farewell.borrow()[dir as usize],
+        PumpEnd::Closed => None,
+    };
+    if let Some(frame) = farewell {
+        if fwd.at_frame_boundary() && !fwd.closed() {
+            let _ = dst.write_small(frame.as_bytes()).await;
+        }
+    }
+    end
+}
+
+fn release<P: Pool>(pool: &P, relay: &Relay, buf: P::Buf) {
+    pool.release(buf);
+    relay.metrics.buffers_in_use.fetch_sub(1, Relaxed);
+}
+
+/// Runs a paired tunnel to its end: both pumps, the close handshake, then both sockets closed.
+pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
+    client: I,
+    client_leftover: Bytes,
+    device: I,
+    device_leftover: Bytes,
+    pool: &P,
+    ctl: &TunnelCtl,
+    relay: &Relay,
+) -> ConnEnd {
+    let moved = Moved::default();
+    let to_device = pump(Dir::ToDevice, &client, &device, client_leftover, pool, ctl, relay, &moved);
+    let to_client = pump(Dir::ToClient, &device, &client, device_leftover, pool, ctl, relay, &moved);
+    tokio::pin!(to_device, to_client);
+    let (first_dir, first) = tokio::select! {
+        end = &mut to_device => (Dir::ToDevice, end),
+        end = &mut to_client => (Dir::ToClient, end),
+    };
+    let reason = match &first {
+        PumpEnd::Closed => format!("{} closed", first_dir.source()),
+        PumpEnd::Gone => format!("{} disconnected", first_dir.source()),
+        PumpEnd::Violation(e) => {
+            relay.metrics.frame_errors.fetch_add(1, Relaxed);
+            format!("{} protocol error: {e}", first_dir.source())
+        }
+        PumpEnd::Stopped => "closed by the relay".to_string(),
+    };
+    // The other pump writes to the first pump's source.
+    let to_source = match &first {
+        PumpEnd::Violation(e) => Some(encode::close(e.close_code(), &e.to_string())),
+        _ => None,
+    };
+    match first {
+        PumpEnd::Closed => {}
+        _ => match first_dir {
+            Dir::ToDevice => ctl.stop(None, to_source),
+            Dir::ToClient => ctl.stop(to_source, None),
+        },
+    }
+    let close_wait = Duration::from_secs(relay.config.limits.close_timeout_secs);
+    let other = async {
+        match first_dir {
+            Dir::ToDevice => (&mut to_client).await,
+            Dir::ToClient => (&mut to_device).await,
+        }
+    };
+    tokio::pin!(other);
+    if tokio::time::timeout(close_wait, &mut other).await.is_err() {
+        ctl.stop(None, None);
+        other.await;
+    }
+    client.shutdown();
+    device.shutdown();
+    ConnEnd { to_device: moved.0[0].get(), to_client: moved.0[1].get(), reason }
+}
+
+/// Sends a Close to a connection that never got paired, then closes it.
+pub(crate) async fn refuse<I: Io>(io: I, code: CloseCode, reason: &str) {
+    let _ = io.write_small(encode::close(code, reason).as_bytes()).await;
+    io.shutdown();
+}
+
+/// A connection in the worker's tunnel table.
+pub(crate) enum Entry<I> {
+    /// The client side arrived and waits for the device side; nothing is read from it yet.
+    Pending { client: I, leftover: Bytes },
+    /// Paired and forwarding.
+    Active(Rc<TunnelCtl>),
+}
+
+/// The worker's tunnel table: a slab indexed by connection, with the relay-wide connection id
+/// mapped to its slot once, at pairing and close time. The forwarding path never looks here.
+pub(crate) struct Table<I> {
+    pub(crate) slots: slab::Slab<(u64, Arc<str>, Entry<I>)>,
+    pub(crate) by_conn: HashMap<u64, usize>,
+}
+
+impl<I> Table<I> {
+    pub(crate) fn new() -> Table<I> {
+        Table { slots: slab::Slab::new(), by_conn: HashMap::new() }
+    }
+
+    pub(crate) fn insert(&mut self, conn: u64, session: Arc<str>, entry: Entry<I>) -> usize {
+        let key = self.slots.insert((conn, session, entry));
+        self.by_conn.insert(conn, key);
+        key
+    }
+
+    pub(crate) fn remove(&mut self, conn: u64) -> Option<(Arc<str>, Entry<I>)> {
+        let key = self.by_conn.remove(&conn)?;
+        let (_, session, entry) = self.slots.remove(key);
+        Some((session, entry))
+    }
+
+    pub(crate) fn get(&self, conn: u64) -> Option<&Entry<I>> {
+        self.by_conn.get(&conn).map(|&k| &self.slots[k].2)
+    }
+}

@@ -1,0 +1,85 @@
+//! The relay's counters and gauges, shared by every worker, rendered as Prometheus text.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a WebSocket or API handshake was refused; one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    BadToken,
+    UnknownSession,
+    UnknownDevice,
+    NotWebSocket,
+    Limit,
+    Malformed,
+}
+
+impl HandshakeFailure {
+    const ALL: [HandshakeFailure; 6] = [
+        HandshakeFailure::BadToken,
+        HandshakeFailure::UnknownSession,
+        HandshakeFailure::UnknownDevice,
+        HandshakeFailure::NotWebSocket,
+        HandshakeFailure::Limit,
+        HandshakeFailure::Malformed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::BadToken => "bad_token",
+            HandshakeFailure::UnknownSession => "unknown_session",
+            HandshakeFailure::UnknownDevice => "unknown_device",
+            HandshakeFailure::NotWebSocket => "not_websocket",
+            HandshakeFailure::Limit => "limit",
+            HandshakeFailure::Malformed => "malformed",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub sessions_started: AtomicU64,
+    pub sessions_ended: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub tunnels_active: AtomicU64,
+    pub bytes_to_device: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    pub frame_errors: AtomicU64,
+    pub buffers_in_use: AtomicU64,
+    pub buffers_total: AtomicU64,
+    handshake_failures: [AtomicU64; 6],
+}
+
+impl Metrics {
+    pub fn handshake_failed(&self, why: HandshakeFailure) {
+        self.handshake_failures[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Prometheus text exposition; `gauges` are the values only the session table knows.
+    pub fn render(&self, sessions_active: usize, agents_connected: usize) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP ringway_{name} {help}\n# TYPE ringway_{name} {kind}\nringway_{name} {value}");
+        };
+        metric("sessions_active", "gauge", "Sessions currently open.", sessions_active as u64);
+        metric("sessions_started_total", "counter", "Sessions started.", self.sessions_started.load(Relaxed));
+        metric("sessions_ended_total", "counter", "Sessions ended for any reason.", self.sessions_ended.load(Relaxed));
+        metric("agents_connected", "gauge", "Device agents with a live control connection.", agents_connected as u64);
+        metric("connections_opened_total", "counter", "Client data connections accepted.", self.connections_opened.load(Relaxed));
+        metric("connections_closed_total", "counter", "Client data connections ended.", self.connections_closed.load(Relaxed));
+        metric("tunnels_active", "gauge", "Paired connections forwarding now.", self.tunnels_active.load(Relaxed));
+        metric("bytes_to_device_total", "counter", "Bytes forwarded from clients to devices.", self.bytes_to_device.load(Relaxed));
+        metric("bytes_to_client_total", "counter", "Bytes forwarded from devices to clients.", self.bytes_to_client.load(Relaxed));
+        metric("frame_errors_total", "counter", "Data connections closed for a framing violation.", self.frame_errors.load(Relaxed));
+        metric("buffers_in_use", "gauge", "Data-plane buffers holding bytes in flight.", self.buffers_in_use.load(Relaxed));
+        metric("buffers_total", "gauge", "Data-plane buffers in all workers' pools.", self.buffers_total.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringway_handshake_failures_total Refused handshakes by reason.");
+        let _ = writeln!(out, "# TYPE ringway_handshake_failures_total counter");
+        for why in HandshakeFailure::ALL {
+            let v = self.handshake_failures[why as usize].load(Relaxed);
+            let _ = writeln!(out, "ringway_handshake_failures_total{{reason=\"{}\"}} {v}", why.label());
+        }
+        out
+    }
+}

@@ -1,0 +1,94 @@
+//! The relay role: configuration in, a listening socket, worker threads each running the
+//! control plane (hyper) and the data plane (tunnels) for the connections it owns.
+//!
+//! - `api`: hyper routes — control API, health, metrics, WebSocket upgrades and the hand-off of
+//!   data sockets to the data plane.
+//! - `channels`: the agent and session JSON control channels.
+//! - `state`: sessions, agents, tokens — the shared tables.
+//! - `metrics`: counters and gauges, Prometheus text.
+//! - `dataplane`: workers, tunnel tables, buffer pools, forwarding (io_uring or epoll).
+
+mod api;
+mod channels;
+pub mod dataplane;
+pub mod metrics;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+pub use dataplane::BackendKind;
+pub use state::Relay;
+
+/// A relay that is listening: its address, backend and shared state.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub backend: BackendKind,
+    pub relay: Arc<Relay>,
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Blocks until a worker thread ends (they run until the process exits or one fails).
+    pub fn wait(self) -> anyhow::Result<()> {
+        for t in self.threads {
+            t.join().map_err(|_| anyhow::anyhow!("a relay worker panicked"))??;
+        }
+        Ok(())
+    }
+}
+
+/// Chooses the backend: the one asked for, else io_uring if this process may use it.
+pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind> {
+    match forced {
+        Some(BackendKind::Uring) => {
+            dataplane::probe().context("--backend uring: this process cannot create an io_uring")?;
+            Ok(BackendKind::Uring)
+        }
+        Some(BackendKind::Epoll) => Ok(BackendKind::Epoll),
+        None => match dataplane::probe() {
+            Ok(()) => Ok(BackendKind::Uring),
+            Err(e) => {
+                tracing::warn!("io_uring is unavailable ({e}); using the epoll backend");
+                Ok(BackendKind::Epoll)
+            }
+        },
+    }
+}
+
+/// Binds `listen` and starts the workers. Refuses an address another process already serves
+/// (no `SO_REUSEPORT`: a second relay must not silently take half the connections).
+pub fn start(config: Config, listen: SocketAddr, backend: Option<BackendKind>) -> anyhow::Result<Running> {
+    let backend = choose_backend(backend)?;
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let workers = match config.dataplane.workers {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+    let relay = Arc::new(Relay::new(config, txs));
+    let mut threads = Vec::new();
+    for (index, rx) in rxs.into_iter().enumerate() {
+        let listener = listener.try_clone()?;
+        let relay = relay.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("ringway-worker-{index}"))
+                .spawn(move || dataplane::run_worker(backend, index, listener, rx, relay))?,
+        );
+    }
+    let reaper = relay.clone();
+    std::thread::Builder::new().name("ringway-reaper".into()).spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(250));
+        reaper.reap();
+    })?;
+    tracing::info!(%addr, %backend, workers, "relay started");
+    Ok(Running { addr, backend, relay, threads })
+}
