@@ -26,13 +26,21 @@ pub struct AgentOptions {
 
 /// Parses `NAME=HOST:PORT`.
 pub fn parse_service(s: &str) -> anyhow::Result<(String, String)> {
-    let (name, addr) = s.split_once('=').with_context(|| format!("--service {s:?}: expected NAME=HOST:PORT"))?;
-    if name.is_empty() || addr.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+    let (name, addr) = s
+        .split_once('=')
+        .with_context(|| format!("--service {s:?}: expected NAME=HOST:PORT"))?;
+    if name.is_empty()
+        || addr
+            .rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    {
         bail!("--service {s:?}: expected NAME=HOST:PORT");
     }
     Ok((name.to_string(), addr.to_string()))
 }
 
+/// The relay pings every 10 s; this long without a word from it means the link is dead.
+const RELAY_SILENCE: Duration = Duration::from_secs(35);
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -60,13 +68,21 @@ async fn control_session(opts: &AgentOptions) -> anyhow::Result<()> {
     let path = format!("/api/v1/agent?device={}", opts.device);
     let ws = peer::dial(&opts.relay, &path, &opts.key).await?;
     let mut ch = peer::channel(ws, 64 << 10);
-    let hello = FromAgent::Hello { services: opts.services.keys().cloned().collect(), version: env!("CARGO_PKG_VERSION").into() };
+    let hello = FromAgent::Hello {
+        services: opts.services.keys().cloned().collect(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
     ch.tx.send(Outgoing::Text(serde_json::to_string(&hello)?))?;
-    tracing::info!(device = opts.device, relay = opts.relay.authority, "connected to relay");
+    tracing::info!(
+        device = opts.device,
+        relay = opts.relay.authority,
+        "connected to relay"
+    );
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<FromAgent>();
     loop {
         tokio::select! {
-            incoming = ch.rx.recv() => match incoming {
+            incoming = tokio::time::timeout(RELAY_SILENCE, ch.rx.recv()) => match incoming.unwrap_or(Some(Incoming::Closed(None))) {
+                Some(Incoming::Alive) => {}
                 Some(Incoming::Text(t)) => match serde_json::from_str::<ToAgent>(&t) {
                     Ok(ToAgent::Connect { session, conn, service, token }) => {
                         tokio::spawn(connect(opts.clone(), session, conn, service, token, fail_tx.clone()));
@@ -94,10 +110,16 @@ async fn connect(
 ) {
     let fail = |reason: String| {
         tracing::warn!(session, conn, service, "{reason}");
-        let _ = failures.send(FromAgent::ConnectFailed { session: session.clone(), conn, reason });
+        let _ = failures.send(FromAgent::ConnectFailed {
+            session: session.clone(),
+            conn,
+            reason,
+        });
     };
     let Some(addr) = opts.services.get(&service) else {
-        return fail(format!("service {service:?} is not configured on this device"));
+        return fail(format!(
+            "service {service:?} is not configured on this device"
+        ));
     };
     let tcp = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
         Ok(Ok(tcp)) => tcp,

@@ -41,10 +41,17 @@ impl Session {
             service: opts.service.clone(),
             ttl_secs: opts.ttl_secs,
         })?;
-        let resp = peer::api(&opts.relay, Method::POST, "/api/v1/sessions", &opts.token, Some(body))
-            .await
-            .context("starting a session")?;
-        let started: SessionStarted = serde_json::from_slice(&resp).context("the relay's session answer")?;
+        let resp = peer::api(
+            &opts.relay,
+            Method::POST,
+            "/api/v1/sessions",
+            &opts.token,
+            Some(body),
+        )
+        .await
+        .context("starting a session")?;
+        let started: SessionStarted =
+            serde_json::from_slice(&resp).context("the relay's session answer")?;
         let (_, data_path) = RelayUrl::split_ws_url(&started.client_url)?;
         let control_path = format!("/api/v1/sessions/{}/control", started.id);
         let ws = peer::dial(&opts.relay, &control_path, &started.client_token).await?;
@@ -55,11 +62,18 @@ impl Session {
             let _keep = ch.tx;
             while let Some(msg) = ch.rx.recv().await {
                 match msg {
+                    Incoming::Alive => {}
                     Incoming::Text(t) => match serde_json::from_str::<SessionEvent>(&t) {
                         Ok(SessionEvent::DeviceOffline) => tracing::warn!("device went offline"),
                         Ok(SessionEvent::DeviceOnline) => tracing::info!("device is back online"),
-                        Ok(SessionEvent::Ready { device_online: false, device, .. }) => {
-                            tracing::warn!("device {device} is offline; connections fail until it is back")
+                        Ok(SessionEvent::Ready {
+                            device_online: false,
+                            device,
+                            ..
+                        }) => {
+                            tracing::warn!(
+                                "device {device} is offline; connections fail until it is back"
+                            )
                         }
                         Ok(SessionEvent::Closing { code, reason }) => {
                             let _ = ended_tx.send(Some((code, reason)));
@@ -78,7 +92,13 @@ impl Session {
                 }
             }
         });
-        Ok(Session { relay: opts.relay.clone(), started, operator_token: opts.token.clone(), ended, data_path })
+        Ok(Session {
+            relay: opts.relay.clone(),
+            started,
+            operator_token: opts.token.clone(),
+            ended,
+            data_path,
+        })
     }
 
     /// Opens one data connection and splices `r`/`w` over it until both sides are done.
@@ -92,7 +112,11 @@ impl Session {
     }
 
     /// Serves `listener` until the session ends or `stop` resolves.
-    pub async fn serve(self: std::sync::Arc<Self>, listener: TcpListener, stop: impl std::future::Future<Output = ()>) {
+    pub async fn serve(
+        self: std::sync::Arc<Self>,
+        listener: TcpListener,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(stop);
         let mut ended = self.ended.clone();
         loop {
@@ -118,30 +142,51 @@ impl Session {
     /// Closes the session through the API (best effort: it may have ended already).
     pub async fn close(&self) {
         let path = format!("/api/v1/sessions/{}", self.started.id);
-        let _ = peer::api(&self.relay, Method::DELETE, &path, &self.operator_token, None).await;
+        let _ = peer::api(
+            &self.relay,
+            Method::DELETE,
+            &path,
+            &self.operator_token,
+            None,
+        )
+        .await;
     }
 }
 
 fn report(from: SocketAddr, end: &peer::SpliceEnd) {
     match &end.close {
-        Some((1000, _)) | None => tracing::debug!(%from, up = end.bytes_up, down = end.bytes_down, "connection done"),
-        Some((code, reason)) => tracing::warn!(%from, "connection closed by the relay: {code} {reason}"),
+        Some((1000, _)) | None => {
+            tracing::debug!(%from, up = end.bytes_up, down = end.bytes_down, "connection done")
+        }
+        Some((code, reason)) => {
+            tracing::warn!(%from, "connection closed by the relay: {code} {reason}")
+        }
     }
 }
 
 /// How `ringway connect` should serve the session.
 pub enum Mode {
-    Listen { addr: SocketAddr, exec: Option<String> },
+    Listen {
+        addr: SocketAddr,
+        exec: Option<String>,
+    },
     Stdio,
 }
 
 /// `ringway connect`: returns the process exit code.
 pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
     let session = std::sync::Arc::new(Session::start(&opts).await?);
-    tracing::info!(session = session.started.id, device = opts.device, service = opts.service, "session started");
+    tracing::info!(
+        session = session.started.id,
+        device = opts.device,
+        service = opts.service,
+        "session started"
+    );
     let code = match mode {
         Mode::Stdio => {
-            let end = session.carry(tokio::io::stdin(), tokio::io::stdout()).await?;
+            let end = session
+                .carry(tokio::io::stdin(), tokio::io::stdout())
+                .await?;
             match end.close {
                 Some((1000, _)) | None => 0,
                 Some((code, reason)) => {
@@ -151,7 +196,9 @@ pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
             }
         }
         Mode::Listen { addr, exec } => {
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
             let local = listener.local_addr()?;
             println!("listening on {local}");
             let serving = tokio::spawn(session.clone().serve(listener, async {
@@ -175,7 +222,11 @@ pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
 }
 
 /// Runs `sh -c CMD` with `{port}` replaced; the session lasts as long as the command.
-async fn run_exec(cmd: &str, port: u16, mut ended: watch::Receiver<Option<(u16, String)>>) -> anyhow::Result<i32> {
+async fn run_exec(
+    cmd: &str,
+    port: u16,
+    mut ended: watch::Receiver<Option<(u16, String)>>,
+) -> anyhow::Result<i32> {
     let cmd = cmd.replace("{port}", &port.to_string());
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")

@@ -105,7 +105,11 @@ pub struct DataPlane {
 
 impl Default for DataPlane {
     fn default() -> DataPlane {
-        DataPlane { workers: 0, buffers: 256, buffer_size: 64 << 10 }
+        DataPlane {
+            workers: 0,
+            buffers: 256,
+            buffer_size: 64 << 10,
+        }
     }
 }
 
@@ -130,7 +134,8 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
         config.validate()?;
         Ok(config)
     }
@@ -150,8 +155,16 @@ impl Config {
         }
         let mut ids = HashSet::new();
         for dev in &self.device {
-            if dev.id.is_empty() || !dev.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                bail!("device id {:?}: use letters, digits, '-', '_' and '.'", dev.id);
+            if dev.id.is_empty()
+                || !dev
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                bail!(
+                    "device id {:?}: use letters, digits, '-', '_' and '.'",
+                    dev.id
+                );
             }
             if dev.key.expose().len() < 8 {
                 bail!("device {}: key is shorter than 8 characters", dev.id);
@@ -162,7 +175,10 @@ impl Config {
         }
         let dp = &self.dataplane;
         if dp.buffer_size < 4096 || dp.buffer_size > (1 << 20) {
-            bail!("dataplane.buffer_size {} is outside 4096..=1048576", dp.buffer_size);
+            bail!(
+                "dataplane.buffer_size {} is outside 4096..=1048576",
+                dp.buffer_size
+            );
         }
         if dp.buffers < 2 {
             bail!("dataplane.buffers must be at least 2");
@@ -172,7 +188,13 @@ impl Config {
 
     pub fn operator(&self, token: &str) -> Option<&Operator> {
         // Check every entry so the time taken does not tell which one matched.
-        self.operator.iter().fold(None, |found, op| if op.token.matches(token) { Some(op) } else { found })
+        self.operator.iter().fold(None, |found, op| {
+            if op.token.matches(token) {
+                Some(op)
+            } else {
+                found
+            }
+        })
     }
 
     pub fn device(&self, id: &str) -> Option<&Device> {
@@ -215,7 +237,10 @@ mod tests {
     fn secrets_never_show_in_debug_output() {
         let c = Config::parse(MINIMAL).unwrap();
         let dump = format!("{c:?}");
-        assert!(!dump.contains("op-secret") && !dump.contains("dev-secret"), "{dump}");
+        assert!(
+            !dump.contains("op-secret") && !dump.contains("dev-secret"),
+            "{dump}"
+        );
     }
 
     #[test]

@@ -30,25 +30,40 @@ pub struct RelayUrl {
 
 impl RelayUrl {
     pub fn parse(s: &str) -> anyhow::Result<RelayUrl> {
-        let uri: hyper::Uri = s.parse().with_context(|| format!("relay URL {s:?} is not a URL"))?;
+        let uri: hyper::Uri = s
+            .parse()
+            .with_context(|| format!("relay URL {s:?} is not a URL"))?;
         match uri.scheme_str() {
             Some("http" | "ws") => {}
-            Some("https" | "wss") => bail!("relay URL {s}: TLS (https/wss) is not supported by this build yet"),
+            Some("https" | "wss") => {
+                bail!("relay URL {s}: TLS (https/wss) is not supported by this build yet")
+            }
             _ => bail!("relay URL {s}: use http://HOST:PORT or ws://HOST:PORT"),
         }
-        let host = uri.host().ok_or_else(|| anyhow!("relay URL {s} has no host"))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| anyhow!("relay URL {s} has no host"))?;
         let port = uri.port_u16().unwrap_or(80);
         if !matches!(uri.path(), "" | "/") {
             bail!("relay URL {s}: give only scheme, host and port (no path)");
         }
-        Ok(RelayUrl { authority: format!("{host}:{port}") })
+        Ok(RelayUrl {
+            authority: format!("{host}:{port}"),
+        })
     }
 
     /// Splits a full `ws://host:port/path` URL (as the relay returns in `client_url`).
     pub fn split_ws_url(s: &str) -> anyhow::Result<(RelayUrl, String)> {
         let uri: hyper::Uri = s.parse().with_context(|| format!("{s:?} is not a URL"))?;
-        let pq = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-        let base = format!("{}://{}", uri.scheme_str().unwrap_or("ws"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
+        let pq = uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let base = format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or("ws"),
+            uri.authority().map(|a| a.as_str()).unwrap_or("")
+        );
         Ok((RelayUrl::parse(&base)?, pq))
     }
 
@@ -78,18 +93,32 @@ pub async fn dial(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<
         .header(HOST, &relay.authority)
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")
-        .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
         .header("Sec-WebSocket-Version", "13")
         .header(AUTHORIZATION, format!("Bearer {bearer}"))
         .body(Empty::<Bytes>::new())?;
-    let mut resp = sender.send_request(req).await.with_context(|| format!("WebSocket handshake for {path}"))?;
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("WebSocket handshake for {path}"))?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         bail!("relay refused {path}: {status} {}", error_text(&body));
     }
     let upgraded = hyper::upgrade::on(&mut resp).await?;
-    Ok(WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client))
+    Ok(WebSocket::after_handshake(
+        TokioIo::new(upgraded),
+        Role::Client,
+    ))
 }
 
 /// The `error` field of a control-API error body, or the body itself.
@@ -101,7 +130,13 @@ fn error_text(body: &[u8]) -> String {
 
 /// One control-API call. Returns the status and body; non-2xx answers are errors carrying the
 /// relay's message.
-pub async fn api(relay: &RelayUrl, method: Method, path: &str, token: &str, body: Option<String>) -> anyhow::Result<Bytes> {
+pub async fn api(
+    relay: &RelayUrl,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<String>,
+) -> anyhow::Result<Bytes> {
     let tcp = relay.connect().await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
@@ -114,7 +149,10 @@ pub async fn api(relay: &RelayUrl, method: Method, path: &str, token: &str, body
         req = req.header(CONTENT_TYPE, "application/json");
     }
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    let resp = sender.send_request(req).await.with_context(|| format!("{method} {path}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("{method} {path}"))?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
@@ -127,6 +165,8 @@ pub async fn api(relay: &RelayUrl, method: Method, path: &str, token: &str, body
 #[derive(Debug)]
 pub enum Incoming {
     Text(String),
+    /// A Ping or Pong arrived: the peer is alive (Pings are answered already).
+    Alive,
     /// The peer closed (with its code and reason) or the connection broke (`None`).
     Closed(Option<(u16, String)>),
 }
@@ -139,7 +179,8 @@ pub enum Outgoing {
     Close(u16, String),
 }
 
-/// A WebSocket carrying text messages, driven by a reader and a writer task.
+/// A WebSocket carrying text messages, driven by a reader and a writer task. Dropping `tx`
+/// (or sending `Close`) ends the writer, which then tears the whole connection down.
 pub struct Channel {
     pub tx: mpsc::UnboundedSender<Outgoing>,
     pub rx: mpsc::Receiver<Incoming>,
@@ -149,11 +190,47 @@ pub struct Channel {
 pub fn channel(mut ws: Ws, max_message: usize) -> Channel {
     ws.set_max_message_size(max_message);
     ws.set_auto_close(false);
+    ws.set_auto_pong(false);
     let (read, mut write) = ws.split(tokio::io::split);
     let mut read = fastwebsockets::FragmentCollectorRead::new(read);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
     let (in_tx, in_rx) = mpsc::channel(64);
     let (obliged_tx, mut obliged_rx) = mpsc::unbounded_channel::<Frame<'static>>();
+    let reader = tokio::spawn(async move {
+        let mut never = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
+        let closed = loop {
+            let incoming = match read.read_frame(&mut never).await {
+                Ok(f) => match f.opcode {
+                    OpCode::Text => {
+                        Incoming::Text(String::from_utf8_lossy(&f.payload).into_owned())
+                    }
+                    OpCode::Ping => {
+                        let _ = obliged_tx.send(Frame::pong(Payload::Owned(f.payload.to_vec())));
+                        Incoming::Alive
+                    }
+                    OpCode::Pong => Incoming::Alive,
+                    OpCode::Close => {
+                        let info = close_info(&f.payload);
+                        let (code, reason) = info.clone().unwrap_or((1000, String::new()));
+                        let _ =
+                            obliged_tx.send(Frame::close(code, reason.as_bytes()).into_static());
+                        break info.or(Some((1005, String::new())));
+                    }
+                    OpCode::Binary | OpCode::Continuation => continue,
+                },
+                Err(WebSocketError::FrameTooLarge) => {
+                    let _ = obliged_tx
+                        .send(Frame::close(1009, b"control message too large").into_static());
+                    break Some((1009, "control message too large".into()));
+                }
+                Err(_) => break None,
+            };
+            if in_tx.send(incoming).await.is_err() {
+                break None;
+            }
+        };
+        let _ = in_tx.send(Incoming::Closed(closed)).await;
+    });
     tokio::spawn(async move {
         loop {
             let frame = tokio::select! {
@@ -167,7 +244,13 @@ pub fn channel(mut ws: Ws, max_message: usize) -> Channel {
                     None => break,
                 },
                 obliged = obliged_rx.recv() => match obliged {
-                    Some(f) => f,
+                    Some(f) => {
+                        let close = f.opcode == OpCode::Close;
+                        if write.write_frame(f).await.is_err() || close {
+                            break;
+                        }
+                        continue;
+                    }
                     None => break,
                 },
             };
@@ -175,39 +258,13 @@ pub fn channel(mut ws: Ws, max_message: usize) -> Channel {
                 break;
             }
         }
+        // The channel is done: stop the reader too, so both halves drop and the socket closes.
+        reader.abort();
     });
-    tokio::spawn(async move {
-        let closed = loop {
-            let obliged = obliged_tx.clone();
-            let mut send = move |f: Frame<'_>| {
-                let owned = Frame::new(f.fin, f.opcode, None, Payload::Owned(f.payload.to_vec()));
-                let _ = obliged.send(owned);
-                std::future::ready(Ok::<(), std::convert::Infallible>(()))
-            };
-            match read.read_frame(&mut send).await {
-                Ok(f) if f.opcode == OpCode::Text => {
-                    let text = String::from_utf8_lossy(&f.payload).into_owned();
-                    if in_tx.send(Incoming::Text(text)).await.is_err() {
-                        break None;
-                    }
-                }
-                Ok(f) if f.opcode == OpCode::Close => {
-                    let info = close_info(&f.payload);
-                    let (code, reason) = info.clone().unwrap_or((1000, String::new()));
-                    let _ = obliged_tx.send(Frame::close(code, reason.as_bytes()).into_static());
-                    break info.or(Some((1005, String::new())));
-                }
-                Ok(_) => {}
-                Err(WebSocketError::FrameTooLarge) => {
-                    let _ = obliged_tx.send(Frame::close(1009, b"control message too large").into_static());
-                    break Some((1009, "control message too large".into()));
-                }
-                Err(_) => break None,
-            }
-        };
-        let _ = in_tx.send(Incoming::Closed(closed)).await;
-    });
-    Channel { tx: out_tx, rx: in_rx }
+    Channel {
+        tx: out_tx,
+        rx: in_rx,
+    }
 }
 
 trait IntoStatic {
@@ -216,14 +273,23 @@ trait IntoStatic {
 
 impl IntoStatic for Frame<'_> {
     fn into_static(self) -> Frame<'static> {
-        Frame::new(self.fin, self.opcode, None, Payload::Owned(self.payload.to_vec()))
+        Frame::new(
+            self.fin,
+            self.opcode,
+            None,
+            Payload::Owned(self.payload.to_vec()),
+        )
     }
 }
 
 /// Code and reason of a Close payload.
 fn close_info(payload: &[u8]) -> Option<(u16, String)> {
-    (payload.len() >= 2)
-        .then(|| (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned()))
+    (payload.len() >= 2).then(|| {
+        (
+            u16::from_be_bytes([payload[0], payload[1]]),
+            String::from_utf8_lossy(&payload[2..]).into_owned(),
+        )
+    })
 }
 
 /// How a spliced connection ended, from the WebSocket side.
@@ -267,7 +333,11 @@ where
             }
             total += n as u64;
         }
-        let _ = up_write.lock().await.write_frame(Frame::close(1000, b"")).await;
+        let _ = up_write
+            .lock()
+            .await
+            .write_frame(Frame::close(1000, b""))
+            .await;
         total
     });
 
@@ -284,12 +354,17 @@ where
             match read.read_frame(&mut send).await {
                 Ok(f) => match f.opcode {
                     OpCode::Binary | OpCode::Continuation | OpCode::Text => {
-                        if tcp_w.write_all(&f.payload).await.is_err() {
+                        // flush: a no-op for TCP, but stdout (--stdio) buffers until told.
+                        if tcp_w.write_all(&f.payload).await.is_err()
+                            || tcp_w.flush().await.is_err()
+                        {
                             break None;
                         }
                         total += f.payload.len() as u64;
                     }
-                    OpCode::Close => break Some(close_info(&f.payload).unwrap_or((1005, String::new()))),
+                    OpCode::Close => {
+                        break Some(close_info(&f.payload).unwrap_or((1005, String::new())))
+                    }
                     OpCode::Ping | OpCode::Pong => {}
                 },
                 Err(_) => break None,
@@ -315,5 +390,9 @@ where
             0
         }
     };
-    SpliceEnd { close, bytes_up, bytes_down }
+    SpliceEnd {
+        close,
+        bytes_up,
+        bytes_down,
+    }
 }

@@ -1,3 +1,8 @@
 //! One integration-test binary (`autotests = false`) keeps link time down.
 
+mod util;
+
 mod codec_differential;
+mod e2e;
+mod ssh;
+mod termination;

@@ -63,7 +63,12 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Resp {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Resp {
-    json(status, &ApiError { error: message.into() })
+    json(
+        status,
+        &ApiError {
+            error: message.into(),
+        },
+    )
 }
 
 fn refused(relay: &Relay, r: Refusal) -> Resp {
@@ -74,11 +79,18 @@ fn refused(relay: &Relay, r: Refusal) -> Resp {
 }
 
 fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    req.headers().get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+    req.headers()
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
 }
 
 fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
-    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
@@ -92,7 +104,9 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
             let (sessions, agents) = relay.counts();
             Response::builder()
                 .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-                .body(Full::new(Bytes::from(relay.metrics.render(sessions, agents))))
+                .body(Full::new(Bytes::from(
+                    relay.metrics.render(sessions, agents),
+                )))
                 .expect("static response parts")
         }
         (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay).await,
@@ -108,27 +122,42 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
             let id = id.to_string();
             device_upgrade(req, relay, id).await
         }
-        (_, ["api", "v1", ..]) => operator_api(req, relay, segments.iter().map(|s| s.to_string()).collect()).await,
+        (_, ["api", "v1", ..]) => {
+            operator_api(req, relay, segments.iter().map(|s| s.to_string()).collect()).await
+        }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
 
 async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, segments: Vec<String>) -> Resp {
-    let Some(operator) = bearer(&req).and_then(|t| relay.config.operator(t)).map(|o| o.name.clone()) else {
+    let Some(operator) = bearer(&req)
+        .and_then(|t| relay.config.operator(t))
+        .map(|o| o.name.clone())
+    else {
         relay.metrics.handshake_failed(HandshakeFailure::BadToken);
         return error(StatusCode::UNAUTHORIZED, "invalid credentials");
     };
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     match (req.method().clone(), &segs[2..]) {
         (Method::POST, ["sessions"]) => {
-            let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
+            let host = req
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost")
+                .to_string();
             let body = match Limited::new(req.into_body(), 64 << 10).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB"),
             };
             let start: StartSession = match serde_json::from_slice(&body) {
                 Ok(s) => s,
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid session request: {e}")),
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid session request: {e}"),
+                    )
+                }
             };
             match relay.start_session(&operator, start, &host) {
                 Ok(started) => {
@@ -144,29 +173,49 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, segments: Vec<S
             None => error(StatusCode::NOT_FOUND, "no such session"),
         },
         (Method::DELETE, ["sessions", id]) => {
-            if relay.close_session(id, CloseCode::SESSION_CLOSED, &format!("session closed by operator {operator}")) {
-                Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).expect("static response parts")
+            if relay.close_session(
+                id,
+                CloseCode::SESSION_CLOSED,
+                &format!("session closed by operator {operator}"),
+            ) {
+                Response::builder()
+                    .status(StatusCode::NO_CONTENT)
+                    .body(Full::default())
+                    .expect("static response parts")
             } else {
                 error(StatusCode::NOT_FOUND, "no such session")
             }
         }
         (Method::GET, ["devices"]) => json(StatusCode::OK, &relay.devices()),
-        (_, ["sessions"] | ["sessions", _] | ["devices"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        (_, ["sessions"] | ["sessions", _] | ["devices"]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
 }
 
 /// Starts the WebSocket handshake, or says why it cannot.
-fn upgrade(relay: &Relay, req: &mut Request<Incoming>) -> Result<(Resp, fastwebsockets::upgrade::UpgradeFut), Resp> {
+fn upgrade(
+    relay: &Relay,
+    req: &mut Request<Incoming>,
+) -> Result<(Resp, fastwebsockets::upgrade::UpgradeFut), Resp> {
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
-        relay.metrics.handshake_failed(HandshakeFailure::NotWebSocket);
-        return Err(error(StatusCode::UPGRADE_REQUIRED, "this endpoint takes a WebSocket upgrade"));
+        relay
+            .metrics
+            .handshake_failed(HandshakeFailure::NotWebSocket);
+        return Err(error(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint takes a WebSocket upgrade",
+        ));
     }
     match fastwebsockets::upgrade::upgrade(req) {
         Ok((resp, fut)) => Ok((resp.map(|_| Full::default()), fut)),
         Err(e) => {
             relay.metrics.handshake_failed(HandshakeFailure::Malformed);
-            Err(error(StatusCode::BAD_REQUEST, format!("bad WebSocket handshake: {e}")))
+            Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("bad WebSocket handshake: {e}"),
+            ))
         }
     }
 }
@@ -216,7 +265,9 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
 }
 
 /// The socket under an upgraded connection, and what hyper had read past the request.
-async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(std::net::TcpStream, Bytes)> {
+async fn take_socket(
+    fut: fastwebsockets::upgrade::UpgradeFut,
+) -> Option<(std::net::TcpStream, Bytes)> {
     let ws = fut.await.ok()?;
     let upgraded = ws.into_inner().into_inner();
     let parts = upgraded.downcast::<TokioIo<tokio::net::TcpStream>>().ok()?;
@@ -224,7 +275,12 @@ async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(std::n
     Some((stream, parts.read_buf))
 }
 
-async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Resp {
+async fn client_upgrade(
+    mut req: Request<Incoming>,
+    relay: Arc<Relay>,
+    session: String,
+    peer: SocketAddr,
+) -> Resp {
     let token = bearer(&req).unwrap_or("").to_string();
     let conn: ClientConn = match relay.client_conn(&session, &token) {
         Ok(c) => c,
@@ -245,7 +301,12 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
         tracing::debug!(session = %conn.session, conn = conn.conn, %peer, "client connection");
         relay.send_to_worker(
             conn.worker,
-            Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover },
+            Cmd::Client {
+                conn: conn.conn,
+                session: conn.session.clone(),
+                stream,
+                leftover,
+            },
         );
         relay.announce_conn(&conn);
     });
@@ -268,7 +329,14 @@ async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
     };
     tokio::task::spawn_local(async move {
         if let Some((stream, leftover)) = take_socket(fut).await {
-            relay.send_to_worker(worker, Cmd::Device { conn, stream, leftover });
+            relay.send_to_worker(
+                worker,
+                Cmd::Device {
+                    conn,
+                    stream,
+                    leftover,
+                },
+            );
         }
     });
     resp

@@ -24,12 +24,18 @@ pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
         Ok(Some(Incoming::Text(t))) => match serde_json::from_str::<FromAgent>(&t) {
             Ok(FromAgent::Hello { services, .. }) => services,
             _ => {
-                let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, "expected a hello message".into()));
+                let _ = ch.tx.send(Outgoing::Close(
+                    CloseCode::PROTOCOL_ERROR.0,
+                    "expected a hello message".into(),
+                ));
                 return;
             }
         },
         _ => {
-            let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, "expected a hello message".into()));
+            let _ = ch.tx.send(Outgoing::Close(
+                CloseCode::PROTOCOL_ERROR.0,
+                "expected a hello message".into(),
+            ));
             return;
         }
     };
@@ -61,6 +67,7 @@ pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
                         }
                     }
                 }
+                Some(Incoming::Alive) => silent = 0,
                 Some(Incoming::Closed(_)) | None => break,
             },
             _ = ping.tick() => {
@@ -77,14 +84,30 @@ pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
 }
 
 /// Serves a client's session control connection: pushes session events until it ends.
-pub async fn session_control(ws: Ws, ready: SessionEvent, mut events: mpsc::UnboundedReceiver<SessionEvent>) {
+pub async fn session_control(
+    ws: Ws,
+    ready: SessionEvent,
+    mut events: mpsc::UnboundedReceiver<SessionEvent>,
+) {
     let mut ch = peer::channel(ws, MAX_CONTROL_MESSAGE);
     let send = |ch: &peer::Channel, e: &SessionEvent| {
-        let _ = ch.tx.send(Outgoing::Text(serde_json::to_string(e).expect("events serialize")));
+        let _ = ch.tx.send(Outgoing::Text(
+            serde_json::to_string(e).expect("events serialize"),
+        ));
     };
     send(&ch, &ready);
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut silent = 0;
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                silent += 1;
+                if silent > 3 {
+                    // A client that vanished without a FIN: the session's grace period starts.
+                    return;
+                }
+                let _ = ch.tx.send(Outgoing::Ping);
+            }
             event = events.recv() => match event {
                 Some(SessionEvent::Closing { code, reason }) => {
                     send(&ch, &SessionEvent::Closing { code, reason: reason.clone() });
@@ -97,7 +120,7 @@ pub async fn session_control(ws: Ws, ready: SessionEvent, mut events: mpsc::Unbo
                 None => return,
             },
             incoming = ch.rx.recv() => match incoming {
-                Some(Incoming::Text(_)) => {}
+                Some(Incoming::Text(_) | Incoming::Alive) => silent = 0,
                 Some(Incoming::Closed(_)) | None => return,
             },
         }

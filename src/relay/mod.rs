@@ -37,7 +37,8 @@ impl Running {
     /// Blocks until a worker thread ends (they run until the process exits or one fails).
     pub fn wait(self) -> anyhow::Result<()> {
         for t in self.threads {
-            t.join().map_err(|_| anyhow::anyhow!("a relay worker panicked"))??;
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a relay worker panicked"))??;
         }
         Ok(())
     }
@@ -47,7 +48,8 @@ impl Running {
 pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind> {
     match forced {
         Some(BackendKind::Uring) => {
-            dataplane::probe().context("--backend uring: this process cannot create an io_uring")?;
+            dataplane::probe()
+                .context("--backend uring: this process cannot create an io_uring")?;
             Ok(BackendKind::Uring)
         }
         Some(BackendKind::Epoll) => Ok(BackendKind::Epoll),
@@ -63,13 +65,20 @@ pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind
 
 /// Binds `listen` and starts the workers. Refuses an address another process already serves
 /// (no `SO_REUSEPORT`: a second relay must not silently take half the connections).
-pub fn start(config: Config, listen: SocketAddr, backend: Option<BackendKind>) -> anyhow::Result<Running> {
+pub fn start(
+    config: Config,
+    listen: SocketAddr,
+    backend: Option<BackendKind>,
+) -> anyhow::Result<Running> {
     let backend = choose_backend(backend)?;
-    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let listener =
+        std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let workers = match config.dataplane.workers {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     };
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
@@ -85,10 +94,17 @@ pub fn start(config: Config, listen: SocketAddr, backend: Option<BackendKind>) -
         );
     }
     let reaper = relay.clone();
-    std::thread::Builder::new().name("ringway-reaper".into()).spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(250));
-        reaper.reap();
-    })?;
+    std::thread::Builder::new()
+        .name("ringway-reaper".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            reaper.reap();
+        })?;
     tracing::info!(%addr, %backend, workers, "relay started");
-    Ok(Running { addr, backend, relay, threads })
+    Ok(Running {
+        addr,
+        backend,
+        relay,
+        threads,
+    })
 }

@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use super::dataplane::Cmd;
 use super::metrics::{HandshakeFailure, Metrics};
 use crate::config::{Config, Secret};
-use crate::proto::{unix_now, DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession, ToAgent};
+use crate::proto::{
+    unix_now, DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession, ToAgent,
+};
 use crate::ws::CloseCode;
 
 /// A refusal: the HTTP status, a message for the caller, and the counter it bumps.
@@ -24,16 +26,32 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, message: impl Into<String>, why: Option<HandshakeFailure>) -> Refusal {
-        Refusal { status, message: message.into(), why }
+    fn new(
+        status: StatusCode,
+        message: impl Into<String>,
+        why: Option<HandshakeFailure>,
+    ) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+            why,
+        }
     }
 
     fn bad_token() -> Refusal {
-        Refusal::new(StatusCode::UNAUTHORIZED, "invalid credentials", Some(HandshakeFailure::BadToken))
+        Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid credentials",
+            Some(HandshakeFailure::BadToken),
+        )
     }
 
     fn no_session() -> Refusal {
-        Refusal::new(StatusCode::NOT_FOUND, "no such session", Some(HandshakeFailure::UnknownSession))
+        Refusal::new(
+            StatusCode::NOT_FOUND,
+            "no such session",
+            Some(HandshakeFailure::UnknownSession),
+        )
     }
 }
 
@@ -47,7 +65,10 @@ pub struct ConnEnd {
 
 impl ConnEnd {
     pub fn failed(reason: String) -> ConnEnd {
-        ConnEnd { reason, ..ConnEnd::default() }
+        ConnEnd {
+            reason,
+            ..ConnEnd::default()
+        }
     }
 }
 
@@ -103,7 +124,13 @@ pub struct ClientConn {
 
 impl Relay {
     pub fn new(config: Config, workers: Vec<mpsc::UnboundedSender<Cmd>>) -> Relay {
-        Relay { config, metrics: Metrics::default(), workers, tables: Mutex::default(), next_id: AtomicU64::new(1) }
+        Relay {
+            config,
+            metrics: Metrics::default(),
+            workers,
+            tables: Mutex::default(),
+            next_id: AtomicU64::new(1),
+        }
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
@@ -118,10 +145,19 @@ impl Relay {
         let _ = self.workers[worker].send(cmd);
     }
 
-    pub fn start_session(&self, operator: &str, req: StartSession, host: &str) -> Result<SessionStarted, Refusal> {
+    pub fn start_session(
+        &self,
+        operator: &str,
+        req: StartSession,
+        host: &str,
+    ) -> Result<SessionStarted, Refusal> {
         let limits = &self.config.limits;
         if self.config.device(&req.device).is_none() {
-            return Err(Refusal::new(StatusCode::NOT_FOUND, format!("unknown device {:?}", req.device), None));
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown device {:?}", req.device),
+                None,
+            ));
         }
         let ttl = req.ttl_secs.unwrap_or(limits.session_ttl_secs);
         if ttl == 0 || ttl > limits.max_session_ttl_secs {
@@ -136,13 +172,22 @@ impl Relay {
             if !agent.services.contains(&req.service) {
                 return Err(Refusal::new(
                     StatusCode::NOT_FOUND,
-                    format!("device {} offers no service {:?} (it offers: {})", req.device, req.service, agent.services.join(", ")),
+                    format!(
+                        "device {} offers no service {:?} (it offers: {})",
+                        req.device,
+                        req.service,
+                        agent.services.join(", ")
+                    ),
                     None,
                 ));
             }
         }
         if t.sessions.len() >= limits.max_sessions {
-            return Err(Refusal::new(StatusCode::TOO_MANY_REQUESTS, "the relay's session limit is reached", None));
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the relay's session limit is reached",
+                None,
+            ));
         }
         let id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         let client_token = Secret::random();
@@ -229,14 +274,26 @@ impl Relay {
     /// Ends a session: its client hears `code` on the control connection and every data
     /// connection, and its tokens die with it.
     pub fn close_session(&self, id: &str, code: CloseCode, reason: &str) -> bool {
-        let Some(s) = self.tables().sessions.remove(id) else { return false };
+        let Some(s) = self.tables().sessions.remove(id) else {
+            return false;
+        };
         self.metrics.sessions_ended.fetch_add(1, Relaxed);
         tracing::info!(session = %s.id, device = %s.device, service = %s.service, code = code.0, reason, "session ended");
         if let Some((_, tx)) = &s.control {
-            let _ = tx.send(SessionEvent::Closing { code: code.0, reason: reason.to_string() });
+            let _ = tx.send(SessionEvent::Closing {
+                code: code.0,
+                reason: reason.to_string(),
+            });
         }
         for (&conn, &worker) in &s.conns {
-            self.send_to_worker(worker, Cmd::Close { conn, code, reason: reason.to_string() });
+            self.send_to_worker(
+                worker,
+                Cmd::Close {
+                    conn,
+                    code,
+                    reason: reason.to_string(),
+                },
+            );
         }
         true
     }
@@ -244,7 +301,10 @@ impl Relay {
     /// Admits a client data connection for `session` presenting `token`.
     pub fn client_conn(&self, session: &str, token: &str) -> Result<ClientConn, Refusal> {
         let mut t = self.tables();
-        let s = t.sessions.get_mut(session).ok_or_else(Refusal::no_session)?;
+        let s = t
+            .sessions
+            .get_mut(session)
+            .ok_or_else(Refusal::no_session)?;
         if !s.client_token.matches(token) {
             return Err(Refusal::bad_token());
         }
@@ -259,24 +319,40 @@ impl Relay {
         let worker = (conn as usize) % self.workers.len();
         s.conns.insert(conn, worker);
         self.metrics.connections_opened.fetch_add(1, Relaxed);
-        Ok(ClientConn { conn, worker, session: s.id.clone() })
+        Ok(ClientConn {
+            conn,
+            worker,
+            session: s.id.clone(),
+        })
     }
 
     /// After the client side of `conn` reached its worker: ask the device's agent to dial in,
     /// or close the connection at once if the device is offline.
     pub fn announce_conn(&self, c: &ClientConn) {
         let t = self.tables();
-        let Some(s) = t.sessions.get(&c.session) else { return };
+        let Some(s) = t.sessions.get(&c.session) else {
+            return;
+        };
         let msg = ToAgent::Connect {
             session: s.id.to_string(),
             conn: c.conn,
             service: s.service.clone(),
             token: s.device_token.expose().to_string(),
         };
-        let sent = t.agents.get(&s.device).is_some_and(|a| a.tx.send(msg).is_ok());
+        let sent = t
+            .agents
+            .get(&s.device)
+            .is_some_and(|a| a.tx.send(msg).is_ok());
         if !sent {
             let reason = format!("device {} is offline", s.device);
-            self.send_to_worker(c.worker, Cmd::Close { conn: c.conn, code: CloseCode::DEVICE_OFFLINE, reason });
+            self.send_to_worker(
+                c.worker,
+                Cmd::Close {
+                    conn: c.conn,
+                    code: CloseCode::DEVICE_OFFLINE,
+                    reason,
+                },
+            );
         }
     }
 
@@ -288,7 +364,11 @@ impl Relay {
             return Err(Refusal::bad_token());
         }
         s.conns.get(&conn).copied().ok_or_else(|| {
-            Refusal::new(StatusCode::NOT_FOUND, "no such connection in this session", Some(HandshakeFailure::UnknownSession))
+            Refusal::new(
+                StatusCode::NOT_FOUND,
+                "no such connection in this session",
+                Some(HandshakeFailure::UnknownSession),
+            )
         })
     }
 
@@ -306,10 +386,22 @@ impl Relay {
     /// The agent's side said it cannot reach the service for `conn`.
     pub fn connect_failed(&self, device: &str, session: &str, conn: u64, reason: &str) {
         let t = self.tables();
-        let Some(s) = t.sessions.get(session).filter(|s| s.device == device) else { return };
+        let Some(s) = t.sessions.get(session).filter(|s| s.device == device) else {
+            return;
+        };
         if let Some(&worker) = s.conns.get(&conn) {
-            let reason = format!("device {device} could not reach service {}: {reason}", s.service);
-            self.send_to_worker(worker, Cmd::Close { conn, code: CloseCode::SERVICE_UNREACHABLE, reason });
+            let reason = format!(
+                "device {device} could not reach service {}: {reason}",
+                s.service
+            );
+            self.send_to_worker(
+                worker,
+                Cmd::Close {
+                    conn,
+                    code: CloseCode::SERVICE_UNREACHABLE,
+                    reason,
+                },
+            );
         }
     }
 
@@ -322,10 +414,23 @@ impl Relay {
     }
 
     /// An agent's control connection came up; a previous one for the same device is replaced.
-    pub fn agent_up(&self, device: &str, services: Vec<String>, tx: mpsc::UnboundedSender<ToAgent>) -> u64 {
+    pub fn agent_up(
+        &self,
+        device: &str,
+        services: Vec<String>,
+        tx: mpsc::UnboundedSender<ToAgent>,
+    ) -> u64 {
         let generation = self.next_id();
         let mut t = self.tables();
-        t.agents.insert(device.to_string(), Agent { tx, services, since: unix_now(), generation });
+        t.agents.insert(
+            device.to_string(),
+            Agent {
+                tx,
+                services,
+                since: unix_now(),
+                generation,
+            },
+        );
         for s in t.sessions.values().filter(|s| s.device == device) {
             if let Some((_, tx)) = &s.control {
                 let _ = tx.send(SessionEvent::DeviceOnline);
@@ -338,7 +443,10 @@ impl Relay {
     /// An agent's control connection went away: its device's connections end with 4004.
     pub fn agent_down(&self, device: &str, generation: u64) {
         let mut t = self.tables();
-        if t.agents.get(device).is_none_or(|a| a.generation != generation) {
+        if t.agents
+            .get(device)
+            .is_none_or(|a| a.generation != generation)
+        {
             return;
         }
         t.agents.remove(device);
@@ -349,7 +457,14 @@ impl Relay {
                 let _ = tx.send(SessionEvent::DeviceOffline);
             }
             for (&conn, &worker) in &s.conns {
-                self.send_to_worker(worker, Cmd::Close { conn, code: CloseCode::DEVICE_OFFLINE, reason: reason.clone() });
+                self.send_to_worker(
+                    worker,
+                    Cmd::Close {
+                        conn,
+                        code: CloseCode::DEVICE_OFFLINE,
+                        reason: reason.clone(),
+                    },
+                );
             }
         }
     }
@@ -372,7 +487,10 @@ impl Relay {
         };
         let s = t.sessions.get_mut(session).expect("checked above");
         if let Some((_, old)) = s.control.replace((id, tx)) {
-            let _ = old.send(SessionEvent::Closing { code: 1000, reason: "replaced by a newer control connection".into() });
+            let _ = old.send(SessionEvent::Closing {
+                code: 1000,
+                reason: "replaced by a newer control connection".into(),
+            });
         }
         s.control_lost = None;
         let ready = SessionEvent::Ready {
@@ -402,10 +520,17 @@ impl Relay {
         let (expired, abandoned): (Vec<_>, Vec<_>) = {
             let t = self.tables();
             (
-                t.sessions.values().filter(|s| s.expires <= now).map(|s| s.id.clone()).collect(),
                 t.sessions
                     .values()
-                    .filter(|s| s.control_lost.is_some_and(|at| now.duration_since(at) >= grace))
+                    .filter(|s| s.expires <= now)
+                    .map(|s| s.id.clone())
+                    .collect(),
+                t.sessions
+                    .values()
+                    .filter(|s| {
+                        s.control_lost
+                            .is_some_and(|at| now.duration_since(at) >= grace)
+                    })
                     .map(|s| s.id.clone())
                     .collect(),
             )

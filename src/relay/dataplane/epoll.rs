@@ -35,7 +35,11 @@ pub(crate) struct EpollPool {
 
 impl EpollPool {
     pub(crate) fn new(count: usize, size: usize) -> EpollPool {
-        EpollPool { permits: Semaphore::new(count), free: RefCell::new(Vec::new()), size }
+        EpollPool {
+            permits: Semaphore::new(count),
+            free: RefCell::new(Vec::new()),
+            size,
+        }
     }
 }
 
@@ -43,8 +47,15 @@ impl Pool for EpollPool {
     type Buf = Box<[u8]>;
 
     async fn acquire(&self) -> Box<[u8]> {
-        self.permits.acquire().await.expect("the pool's semaphore is never closed").forget();
-        self.free.borrow_mut().pop().unwrap_or_else(|| vec![0; self.size].into_boxed_slice())
+        self.permits
+            .acquire()
+            .await
+            .expect("the pool's semaphore is never closed")
+            .forget();
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0; self.size].into_boxed_slice())
     }
 
     fn release(&self, buf: Box<[u8]>) {
@@ -63,7 +74,11 @@ impl Io for EpollIo {
         self.0.readable().await
     }
 
-    async fn read<'a>(&'a self, _: (), mut buf: Box<[u8]>) -> (io::Result<Option<usize>>, Box<[u8]>) {
+    async fn read<'a>(
+        &'a self,
+        _: (),
+        mut buf: Box<[u8]>,
+    ) -> (io::Result<Option<usize>>, Box<[u8]>) {
         let res = match self.0.try_read(&mut buf[HEADROOM..]) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),

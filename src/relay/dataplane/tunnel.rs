@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::relay::state::ConnEnd;
 use crate::relay::Relay;
 use crate::ws::encode::{self, ControlFrame};
-use crate::ws::{CloseCode, Event, FrameError, Forwarder, HEADROOM};
+use crate::ws::{CloseCode, Event, Forwarder, FrameError, HEADROOM};
 
 /// A buffer pool that hands buffers out first come, first served.
 pub(crate) trait Pool {
@@ -42,7 +42,11 @@ pub(crate) trait Io {
     /// Waits until the socket has bytes (or EOF) to read. Cancel-safe: no buffer, no IO.
     async fn readable(&self) -> io::Result<Self::Ready<'_>>;
     /// Reads into `buf[HEADROOM..]`. `Ok(None)`: the readiness was stale, nothing was read.
-    async fn read<'a>(&'a self, ready: Self::Ready<'a>, buf: Self::Buf) -> (io::Result<Option<usize>>, Self::Buf);
+    async fn read<'a>(
+        &'a self,
+        ready: Self::Ready<'a>,
+        buf: Self::Buf,
+    ) -> (io::Result<Option<usize>>, Self::Buf);
     /// Writes all of `buf[range]`.
     async fn write(&self, buf: Self::Buf, range: Range<usize>) -> (io::Result<()>, Self::Buf);
     /// Writes a small frame of the relay's own.
@@ -50,6 +54,9 @@ pub(crate) trait Io {
     /// Shuts both directions down (ends any peer's wait on us).
     fn shutdown(&self);
 }
+
+/// How long a tunnel whose device side dropped waits to hear that the agent is gone.
+const AGENT_LOSS_GRACE: Duration = Duration::from_secs(2);
 
 /// Which way a pump moves bytes. The index of each tunnel array below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +97,10 @@ pub(crate) struct TunnelCtl {
 
 impl TunnelCtl {
     pub(crate) fn new() -> TunnelCtl {
-        TunnelCtl { stop: watch::Sender::new(false), farewell: RefCell::new([None, None]) }
+        TunnelCtl {
+            stop: watch::Sender::new(false),
+            farewell: RefCell::new([None, None]),
+        }
     }
 
     /// Asks both pumps to stop, each first sending its farewell frame if it has one (the first
@@ -207,10 +217,24 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(
 
     // On the way out, tell the destination why, if a frame of ours can still go there.
     let farewell = match &end {
-        PumpEnd::Gone => Some(encode::close(CloseCode::GOING_AWAY, &format!("{} disconnected", dir.source()))),
-        PumpEnd::Violation(e) => {
-            Some(encode::close(CloseCode::GOING_AWAY, &format!("{} broke the protocol: {e}", dir.source())))
+        PumpEnd::Gone if dir == Dir::ToClient => {
+            // A device side that drops without a Close usually means the agent died, and its
+            // control connection is about to report it: give that a moment, so the client
+            // hears 4004 (device offline) rather than a bare 1001.
+            let _ = tokio::time::timeout(AGENT_LOSS_GRACE, ctl.stopped()).await;
+            ctl.farewell.borrow()[dir as usize].or(Some(encode::close(
+                CloseCode::GOING_AWAY,
+                "device disconnected",
+            )))
         }
+        PumpEnd::Gone => Some(encode::close(
+            CloseCode::GOING_AWAY,
+            &format!("{} disconnected", dir.source()),
+        )),
+        PumpEnd::Violation(e) => Some(encode::close(
+            CloseCode::GOING_AWAY,
+            &format!("{} broke the protocol: {e}", dir.source()),
+        )),
         PumpEnd::Stopped => ctl.farewell.borrow()[dir as usize],
         PumpEnd::Closed => None,
     };
@@ -238,8 +262,26 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     relay: &Relay,
 ) -> ConnEnd {
     let moved = Moved::default();
-    let to_device = pump(Dir::ToDevice, &client, &device, client_leftover, pool, ctl, relay, &moved);
-    let to_client = pump(Dir::ToClient, &device, &client, device_leftover, pool, ctl, relay, &moved);
+    let to_device = pump(
+        Dir::ToDevice,
+        &client,
+        &device,
+        client_leftover,
+        pool,
+        ctl,
+        relay,
+        &moved,
+    );
+    let to_client = pump(
+        Dir::ToClient,
+        &device,
+        &client,
+        device_leftover,
+        pool,
+        ctl,
+        relay,
+        &moved,
+    );
     tokio::pin!(to_device, to_client);
     let (first_dir, first) = tokio::select! {
         end = &mut to_device => (Dir::ToDevice, end),
@@ -280,7 +322,11 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     }
     client.shutdown();
     device.shutdown();
-    ConnEnd { to_device: moved.0[0].get(), to_client: moved.0[1].get(), reason }
+    ConnEnd {
+        to_device: moved.0[0].get(),
+        to_client: moved.0[1].get(),
+        reason,
+    }
 }
 
 /// Sends a Close to a connection that never got paired, then closes it.
@@ -306,7 +352,10 @@ pub(crate) struct Table<I> {
 
 impl<I> Table<I> {
     pub(crate) fn new() -> Table<I> {
-        Table { slots: slab::Slab::new(), by_conn: HashMap::new() }
+        Table {
+            slots: slab::Slab::new(),
+            by_conn: HashMap::new(),
+        }
     }
 
     pub(crate) fn insert(&mut self, conn: u64, session: Arc<str>, entry: Entry<I>) -> usize {

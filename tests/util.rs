@@ -1,0 +1,443 @@
+//! Test harness: the real `ringway` binary as relay, agent and client, each its own process,
+//! every port chosen by the OS, every file in a temp dir of the test's own.
+
+#![allow(dead_code)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ringway");
+pub const OPERATOR_TOKEN: &str = "op-secret-for-tests";
+pub const DEVICE_ID: &str = "dev-1";
+pub const DEVICE_KEY: &str = "dev-secret-for-tests";
+
+/// A child process killed when dropped, whose stderr is kept for failure messages.
+pub struct Proc {
+    pub child: Child,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    pub name: &'static str,
+}
+
+impl Proc {
+    /// Spawns `ringway ARGS` and waits for its stdout line `listening on ADDR` (if `wait_listen`).
+    pub fn spawn(
+        name: &'static str,
+        args: &[&str],
+        wait_listen: bool,
+    ) -> (Proc, Option<SocketAddr>) {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let mut err = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut proc = Proc {
+            child,
+            stderr,
+            name,
+        };
+        let addr = if wait_listen {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(line) => {
+                        if let Some(a) = line.strip_prefix("listening on ") {
+                            break Some(a.trim().parse().unwrap());
+                        }
+                    }
+                    Err(_) if Instant::now() > deadline => {
+                        panic!("{name} never printed 'listening on': {}", proc.stderr())
+                    }
+                    Err(_) => {
+                        if let Ok(Some(status)) = proc.child.try_wait() {
+                            panic!("{name} exited with {status}: {}", proc.stderr());
+                        }
+                    }
+                }
+            }
+        } else {
+            None
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        thread::spawn(move || while rx.recv().is_ok() {});
+        (proc, addr)
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running relay with its config in a temp dir.
+pub struct Relay {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Relay {
+    pub fn start(backend: &str, extra_config: &str) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("relay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[operator]]\nname = \"ops\"\ntoken = \"{OPERATOR_TOKEN}\"\n\
+                 [[device]]\nid = \"{DEVICE_ID}\"\nkey = \"{DEVICE_KEY}\"\n\
+                 [[device]]\nid = \"dev-2\"\nkey = \"dev-2-secret-key\"\n{extra_config}"
+            ),
+        )
+        .unwrap();
+        let (proc, addr) = Proc::spawn(
+            "relay",
+            &[
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                config.to_str().unwrap(),
+                "--backend",
+                backend,
+            ],
+            true,
+        );
+        Relay {
+            proc,
+            addr: addr.unwrap(),
+            dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts an agent for dev-1 with `services` (NAME=HOST:PORT) and waits until it is online.
+    pub fn agent(&self, services: &[String]) -> Proc {
+        let mut args = vec![
+            "agent".to_string(),
+            "--relay".into(),
+            self.url(),
+            "--device".into(),
+            DEVICE_ID.into(),
+        ];
+        args.extend(["--key".into(), DEVICE_KEY.into()]);
+        for s in services {
+            args.extend(["--service".into(), s.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (proc, _) = Proc::spawn("agent", &args, false);
+        self.wait_device_online(DEVICE_ID, true);
+        proc
+    }
+
+    pub fn wait_device_online(&self, id: &str, online: bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, body) = http(
+                self.addr,
+                "GET",
+                "/api/v1/devices",
+                Some(OPERATOR_TOKEN),
+                None,
+            );
+            assert_eq!(status, 200, "{body}");
+            let devices: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let now = devices
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["id"] == id && d["online"] == online);
+            if now {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "device {id} never became online={online}: {body}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `ringway connect` for `service`, returning the process and its local port.
+    pub fn connect(&self, service: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+        let url = self.url();
+        let mut args = vec![
+            "connect",
+            "--relay",
+            &url,
+            "--token",
+            OPERATOR_TOKEN,
+            "--device",
+            DEVICE_ID,
+            "--service",
+            service,
+        ];
+        args.extend_from_slice(extra);
+        let (proc, addr) = Proc::spawn("connect", &args, true);
+        (proc, addr.unwrap())
+    }
+
+    /// Starts a session through the API; returns (id, client_url, client_token).
+    pub fn start_session(&self, service: &str, ttl: Option<u64>) -> (String, String, String) {
+        let body = match ttl {
+            Some(t) => {
+                format!(r#"{{"device":"{DEVICE_ID}","service":"{service}","ttl_secs":{t}}}"#)
+            }
+            None => format!(r#"{{"device":"{DEVICE_ID}","service":"{service}"}}"#),
+        };
+        let (status, body) = http(
+            self.addr,
+            "POST",
+            "/api/v1/sessions",
+            Some(OPERATOR_TOKEN),
+            Some(&body),
+        );
+        assert_eq!(status, 201, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["client_url"].as_str().unwrap().to_string(),
+            v["client_token"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, body) = http(self.addr, "GET", "/metrics", None, None);
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
+    }
+
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.proc.pid()))
+            .unwrap()
+            .count()
+    }
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection: (status, body).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A raw WebSocket client (tungstenite, an independent implementation) to a relay URL.
+pub fn ws_connect(url: &str, token: &str) -> tungstenite::WebSocket<TcpStream> {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let authority = req.uri().authority().unwrap().as_str().to_string();
+    let tcp = TcpStream::connect(authority).unwrap();
+    let (ws, _) =
+        tungstenite::client(req, tcp).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
+    ws
+}
+
+/// Reads until the peer's Close; returns its code and reason.
+pub fn ws_wait_close(
+    ws: &mut tungstenite::WebSocket<TcpStream>,
+    within: Duration,
+) -> (u16, String) {
+    ws.get_mut().set_read_timeout(Some(within)).unwrap();
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(Some(c))) => {
+                return (c.code.into(), c.reason.to_string())
+            }
+            Ok(tungstenite::Message::Close(None)) => return (1005, String::new()),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    }
+}
+
+/// A port nothing listens on.
+pub fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
+pub struct Noise(u64);
+
+impl Noise {
+    pub fn new(seed: u64) -> Noise {
+        Noise(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// An order-sensitive checksum of a byte stream, fed in any chunking.
+#[derive(Default)]
+pub struct Checksum {
+    hasher: DefaultHasher,
+    pending: Vec<u8>,
+    pub len: u64,
+}
+
+impl Checksum {
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        // Hash in fixed 64 KiB blocks so the chunking of reads does not matter.
+        const BLOCK: usize = 64 << 10;
+        if !self.pending.is_empty() {
+            let take = (BLOCK - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == BLOCK {
+                self.hasher.write(&self.pending);
+                self.pending.clear();
+            }
+        }
+        while data.len() >= BLOCK {
+            self.hasher.write(&data[..BLOCK]);
+            data = &data[BLOCK..];
+        }
+        self.pending.extend_from_slice(data);
+    }
+
+    pub fn finish(mut self) -> (u64, u64) {
+        self.hasher.write(&self.pending);
+        (self.hasher.finish(), self.len)
+    }
+}
+
+/// Sends `len` bytes of `Noise(seed)` into `w`, returning their checksum.
+pub fn send_noise(w: &mut impl Write, seed: u64, len: u64) -> (u64, u64) {
+    let mut noise = Noise::new(seed);
+    let mut sum = Checksum::default();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut left = len;
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        noise.fill(&mut buf[..n]);
+        w.write_all(&buf[..n]).unwrap();
+        sum.update(&buf[..n]);
+        left -= n as u64;
+    }
+    sum.finish()
+}
+
+/// Reads `r` to EOF, returning the checksum of what came.
+pub fn read_all_sum(r: &mut impl Read) -> (u64, u64) {
+    let mut sum = Checksum::default();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => sum.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading: {e}"),
+        }
+    }
+    sum.finish()
+}
+
+/// A TCP echo server on 127.0.0.1:0, one thread per connection.
+pub fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+pub fn temp_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
