@@ -4,5 +4,6 @@ mod util;
 
 mod codec_differential;
 mod e2e;
+mod leaks;
 mod ssh;
 mod termination;

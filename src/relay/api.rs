@@ -198,24 +198,24 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, segments: Vec<S
 fn upgrade(
     relay: &Relay,
     req: &mut Request<Incoming>,
-) -> Result<(Resp, fastwebsockets::upgrade::UpgradeFut), Resp> {
+) -> Result<(Resp, fastwebsockets::upgrade::UpgradeFut), Box<Resp>> {
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         relay
             .metrics
             .handshake_failed(HandshakeFailure::NotWebSocket);
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint takes a WebSocket upgrade",
-        ));
+        )));
     }
     match fastwebsockets::upgrade::upgrade(req) {
         Ok((resp, fut)) => Ok((resp.map(|_| Full::default()), fut)),
         Err(e) => {
             relay.metrics.handshake_failed(HandshakeFailure::Malformed);
-            Err(error(
+            Err(Box::new(error(
                 StatusCode::BAD_REQUEST,
                 format!("bad WebSocket handshake: {e}"),
-            ))
+            )))
         }
     }
 }
@@ -230,7 +230,7 @@ async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>) -> Resp {
     }
     let (resp, fut) = match upgrade(&relay, &mut req) {
         Ok(x) => x,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     tokio::task::spawn_local(async move {
         if let Ok(ws) = fut.await {
@@ -251,13 +251,12 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
         Ok(x) => x,
         Err(resp) => {
             relay.detach_control(&session, attachment);
-            return resp;
+            return *resp;
         }
     };
     tokio::task::spawn_local(async move {
-        match fut.await {
-            Ok(ws) => channels::session_control(ws, ready, rx).await,
-            Err(_) => {}
+        if let Ok(ws) = fut.await {
+            channels::session_control(ws, ready, rx).await;
         }
         relay.detach_control(&session, attachment);
     });
@@ -290,7 +289,7 @@ async fn client_upgrade(
         Ok(x) => x,
         Err(resp) => {
             relay.conn_ended(&conn.session, conn.conn, Default::default());
-            return resp;
+            return *resp;
         }
     };
     tokio::task::spawn_local(async move {
@@ -325,7 +324,7 @@ async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
     };
     let (resp, fut) = match upgrade(&relay, &mut req) {
         Ok(x) => x,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     tokio::task::spawn_local(async move {
         if let Some((stream, leftover)) = take_socket(fut).await {

@@ -74,11 +74,7 @@ impl Io for EpollIo {
         self.0.readable().await
     }
 
-    async fn read<'a>(
-        &'a self,
-        _: (),
-        mut buf: Box<[u8]>,
-    ) -> (io::Result<Option<usize>>, Box<[u8]>) {
+    async fn read(&self, _: (), mut buf: Box<[u8]>) -> (io::Result<Option<usize>>, Box<[u8]>) {
         let res = match self.0.try_read(&mut buf[HEADROOM..]) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
