@@ -24,19 +24,15 @@ fn bench_unmask(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("fastwebsockets", size), &size, |b, &n| {
             b.iter(|| fastwebsockets::unmask(black_box(&mut buf[..n]), MASK))
         });
-        g.bench_with_input(
-            BenchmarkId::new("ringway_in_place", size),
-            &size,
-            |b, &n| b.iter(|| unmask::unmask(black_box(&mut buf[..n]), MASK, 1)),
-        );
+        g.bench_with_input(BenchmarkId::new("ringway_in_place", size), &size, |b, &n| {
+            b.iter(|| unmask::unmask(black_box(&mut buf[..n]), MASK, 1))
+        });
         g.bench_with_input(BenchmarkId::new("ringway_move4", size), &size, |b, &n| {
             b.iter(|| unmask::unmask_move(black_box(&mut buf), 4, 0, n, MASK, 1))
         });
-        g.bench_with_input(
-            BenchmarkId::new("ringway_words_move4", size),
-            &size,
-            |b, &n| b.iter(|| unmask::words(black_box(&mut buf), 4, 0, n, MASK, 1)),
-        );
+        g.bench_with_input(BenchmarkId::new("ringway_words_move4", size), &size, |b, &n| {
+            b.iter(|| unmask::words(black_box(&mut buf), 4, 0, n, MASK, 1))
+        });
     }
     g.finish();
 }

@@ -26,14 +26,8 @@ pub struct AgentOptions {
 
 /// Parses `NAME=HOST:PORT`.
 pub fn parse_service(s: &str) -> anyhow::Result<(String, String)> {
-    let (name, addr) = s
-        .split_once('=')
-        .with_context(|| format!("--service {s:?}: expected NAME=HOST:PORT"))?;
-    if name.is_empty()
-        || addr
-            .rsplit_once(':')
-            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
-    {
+    let (name, addr) = s.split_once('=').with_context(|| format!("--service {s:?}: expected NAME=HOST:PORT"))?;
+    if name.is_empty() || addr.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
         bail!("--service {s:?}: expected NAME=HOST:PORT");
     }
     Ok((name.to_string(), addr.to_string()))
@@ -73,11 +67,7 @@ async fn control_session(opts: &AgentOptions) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").into(),
     };
     ch.tx.send(Outgoing::Text(serde_json::to_string(&hello)?))?;
-    tracing::info!(
-        device = opts.device,
-        relay = opts.relay.authority,
-        "connected to relay"
-    );
+    tracing::info!(device = opts.device, relay = opts.relay.authority, "connected to relay");
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<FromAgent>();
     loop {
         tokio::select! {
@@ -110,16 +100,10 @@ async fn connect(
 ) {
     let fail = |reason: String| {
         tracing::warn!(session, conn, service, "{reason}");
-        let _ = failures.send(FromAgent::ConnectFailed {
-            session: session.clone(),
-            conn,
-            reason,
-        });
+        let _ = failures.send(FromAgent::ConnectFailed { session: session.clone(), conn, reason });
     };
     let Some(addr) = opts.services.get(&service) else {
-        return fail(format!(
-            "service {service:?} is not configured on this device"
-        ));
+        return fail(format!("service {service:?} is not configured on this device"));
     };
     let tcp = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
         Ok(Ok(tcp)) => tcp,

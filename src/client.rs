@@ -41,17 +41,10 @@ impl Session {
             service: opts.service.clone(),
             ttl_secs: opts.ttl_secs,
         })?;
-        let resp = peer::api(
-            &opts.relay,
-            Method::POST,
-            "/api/v1/sessions",
-            &opts.token,
-            Some(body),
-        )
-        .await
-        .context("starting a session")?;
-        let started: SessionStarted =
-            serde_json::from_slice(&resp).context("the relay's session answer")?;
+        let resp = peer::api(&opts.relay, Method::POST, "/api/v1/sessions", &opts.token, Some(body))
+            .await
+            .context("starting a session")?;
+        let started: SessionStarted = serde_json::from_slice(&resp).context("the relay's session answer")?;
         let (_, data_path) = RelayUrl::split_ws_url(&started.client_url)?;
         let control_path = format!("/api/v1/sessions/{}/control", started.id);
         let ws = peer::dial(&opts.relay, &control_path, &started.client_token).await?;
@@ -66,14 +59,8 @@ impl Session {
                     Incoming::Text(t) => match serde_json::from_str::<SessionEvent>(&t) {
                         Ok(SessionEvent::DeviceOffline) => tracing::warn!("device went offline"),
                         Ok(SessionEvent::DeviceOnline) => tracing::info!("device is back online"),
-                        Ok(SessionEvent::Ready {
-                            device_online: false,
-                            device,
-                            ..
-                        }) => {
-                            tracing::warn!(
-                                "device {device} is offline; connections fail until it is back"
-                            )
+                        Ok(SessionEvent::Ready { device_online: false, device, .. }) => {
+                            tracing::warn!("device {device} is offline; connections fail until it is back")
                         }
                         Ok(SessionEvent::Closing { code, reason }) => {
                             let _ = ended_tx.send(Some((code, reason)));
@@ -92,13 +79,7 @@ impl Session {
                 }
             }
         });
-        Ok(Session {
-            relay: opts.relay.clone(),
-            started,
-            operator_token: opts.token.clone(),
-            ended,
-            data_path,
-        })
+        Ok(Session { relay: opts.relay.clone(), started, operator_token: opts.token.clone(), ended, data_path })
     }
 
     /// Opens one data connection and splices `r`/`w` over it until both sides are done.
@@ -112,11 +93,7 @@ impl Session {
     }
 
     /// Serves `listener` until the session ends or `stop` resolves.
-    pub async fn serve(
-        self: std::sync::Arc<Self>,
-        listener: TcpListener,
-        stop: impl std::future::Future<Output = ()>,
-    ) {
+    pub async fn serve(self: std::sync::Arc<Self>, listener: TcpListener, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut ended = self.ended.clone();
         loop {
@@ -142,14 +119,7 @@ impl Session {
     /// Closes the session through the API (best effort: it may have ended already).
     pub async fn close(&self) {
         let path = format!("/api/v1/sessions/{}", self.started.id);
-        let _ = peer::api(
-            &self.relay,
-            Method::DELETE,
-            &path,
-            &self.operator_token,
-            None,
-        )
-        .await;
+        let _ = peer::api(&self.relay, Method::DELETE, &path, &self.operator_token, None).await;
     }
 }
 
@@ -166,27 +136,17 @@ fn report(from: SocketAddr, end: &peer::SpliceEnd) {
 
 /// How `ringway connect` should serve the session.
 pub enum Mode {
-    Listen {
-        addr: SocketAddr,
-        exec: Option<String>,
-    },
+    Listen { addr: SocketAddr, exec: Option<String> },
     Stdio,
 }
 
 /// `ringway connect`: returns the process exit code.
 pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
     let session = std::sync::Arc::new(Session::start(&opts).await?);
-    tracing::info!(
-        session = session.started.id,
-        device = opts.device,
-        service = opts.service,
-        "session started"
-    );
+    tracing::info!(session = session.started.id, device = opts.device, service = opts.service, "session started");
     let code = match mode {
         Mode::Stdio => {
-            let end = session
-                .carry(tokio::io::stdin(), tokio::io::stdout())
-                .await?;
+            let end = session.carry(tokio::io::stdin(), tokio::io::stdout()).await?;
             match end.close {
                 Some((1000, _)) | None => 0,
                 Some((code, reason)) => {
@@ -196,9 +156,7 @@ pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
             }
         }
         Mode::Listen { addr, exec } => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
             let local = listener.local_addr()?;
             println!("listening on {local}");
             let serving = tokio::spawn(session.clone().serve(listener, async {
@@ -222,11 +180,7 @@ pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
 }
 
 /// Runs `sh -c CMD` with `{port}` replaced; the session lasts as long as the command.
-async fn run_exec(
-    cmd: &str,
-    port: u16,
-    mut ended: watch::Receiver<Option<(u16, String)>>,
-) -> anyhow::Result<i32> {
+async fn run_exec(cmd: &str, port: u16, mut ended: watch::Receiver<Option<(u16, String)>>) -> anyhow::Result<i32> {
     let cmd = cmd.replace("{port}", &port.to_string());
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")

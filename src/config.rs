@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// A credential from the config or minted by the relay. Compared in constant time; its
@@ -43,18 +44,98 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Operator {
-    pub name: String,
-    pub token: Secret,
+/// A credential as the config holds it: the secret itself, or its SHA-256 so that the file
+/// holds nothing a reader could present. Both compare in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    Plain(Secret),
+    Sha256([u8; 32]),
+}
+
+impl Credential {
+    pub fn matches(&self, presented: &str) -> bool {
+        match self {
+            Credential::Plain(secret) => secret.matches(presented),
+            Credential::Sha256(hash) => Sha256::digest(presented.as_bytes()).as_slice().ct_eq(hash).into(),
+        }
+    }
+
+    /// From the `X` / `X_sha256` pair of keys: exactly one must be set.
+    fn from_pair(what: &str, plain: Option<Secret>, hashed: Option<String>) -> Result<Credential, String> {
+        match (plain, hashed) {
+            (Some(p), None) => {
+                if p.expose().len() < 8 {
+                    return Err(format!("{what} is shorter than 8 characters"));
+                }
+                Ok(Credential::Plain(p))
+            }
+            (None, Some(h)) => {
+                let bytes: Option<Vec<u8>> = (h.len() == 64)
+                    .then(|| (0..32).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()).collect())
+                    .flatten();
+                let bytes = bytes.ok_or_else(|| format!("{what}_sha256 must be 64 hex digits"))?;
+                Ok(Credential::Sha256(bytes.try_into().expect("32 bytes")))
+            }
+            (Some(_), Some(_)) => Err(format!("give either {what} or {what}_sha256, not both")),
+            (None, None) => Err(format!("{what} (or {what}_sha256) is required")),
+        }
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::Plain(_) => f.write_str("Credential(***)"),
+            Credential::Sha256(_) => f.write_str("Credential(sha256:***)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawOperator")]
+pub struct Operator {
+    pub name: String,
+    pub token: Credential,
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawOperator {
+    name: String,
+    token: Option<Secret>,
+    token_sha256: Option<String>,
+}
+
+impl TryFrom<RawOperator> for Operator {
+    type Error = String;
+    fn try_from(r: RawOperator) -> Result<Operator, String> {
+        let token =
+            Credential::from_pair("token", r.token, r.token_sha256).map_err(|e| format!("operator {}: {e}", r.name))?;
+        Ok(Operator { name: r.name, token })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawDevice")]
 pub struct Device {
     pub id: String,
-    pub key: Secret,
+    pub key: Credential,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    id: String,
+    key: Option<Secret>,
+    key_sha256: Option<String>,
+}
+
+impl TryFrom<RawDevice> for Device {
+    type Error = String;
+    fn try_from(r: RawDevice) -> Result<Device, String> {
+        let key = Credential::from_pair("key", r.key, r.key_sha256).map_err(|e| format!("device {}: {e}", r.id))?;
+        Ok(Device { id: r.id, key })
+    }
 }
 
 /// Every limit the relay enforces, with its default.
@@ -74,6 +155,21 @@ pub struct Limits {
     pub close_timeout_secs: u64,
     pub max_sessions: usize,
     pub max_connections_per_session: usize,
+    /// A connection must finish its HTTP request headers within this time.
+    pub handshake_timeout_secs: u64,
+    /// A tunnel with no bytes either way for this long is closed with 1001.
+    pub idle_timeout_secs: u64,
+    /// Connections in their HTTP phase at once, relay-wide; more are closed on accept.
+    pub max_handshakes: usize,
+    /// Largest HTTP request head (bytes); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Largest JSON message on the agent and session control channels (bytes).
+    pub max_control_message_bytes: usize,
+    /// On SIGTERM, tunnels get this long to finish before they are closed with 1001.
+    pub drain_timeout_secs: u64,
+    /// After 5 failed logins within a minute from one address, each further failure from it
+    /// is answered this much later.
+    pub auth_failure_delay_ms: u64,
 }
 
 impl Default for Limits {
@@ -87,6 +183,13 @@ impl Default for Limits {
             close_timeout_secs: 5,
             max_sessions: 10_000,
             max_connections_per_session: 256,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 600,
+            max_handshakes: 1024,
+            max_header_bytes: 16 << 10,
+            max_control_message_bytes: 64 << 10,
+            drain_timeout_secs: 20,
+            auth_failure_delay_ms: 1000,
         }
     }
 }
@@ -105,11 +208,7 @@ pub struct DataPlane {
 
 impl Default for DataPlane {
     fn default() -> DataPlane {
-        DataPlane {
-            workers: 0,
-            buffers: 256,
-            buffer_size: 64 << 10,
-        }
+        DataPlane { workers: 0, buffers: 256, buffer_size: 64 << 10 }
     }
 }
 
@@ -124,18 +223,19 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub dataplane: DataPlane,
+    /// Where the audit log goes: one JSON line per session start and end and per connection end.
+    #[serde(default)]
+    pub audit_log: Option<std::path::PathBuf>,
 }
 
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading relay config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading relay config {}", path.display()))?;
         Config::parse(&text).with_context(|| format!("in relay config {}", path.display()))
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
         config.validate()?;
         Ok(config)
     }
@@ -146,28 +246,14 @@ impl Config {
         }
         let mut names = HashSet::new();
         for op in &self.operator {
-            if op.token.expose().len() < 8 {
-                bail!("operator {}: token is shorter than 8 characters", op.name);
-            }
             if !names.insert(&op.name) {
                 bail!("operator {} is listed twice", op.name);
             }
         }
         let mut ids = HashSet::new();
         for dev in &self.device {
-            if dev.id.is_empty()
-                || !dev
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                bail!(
-                    "device id {:?}: use letters, digits, '-', '_' and '.'",
-                    dev.id
-                );
-            }
-            if dev.key.expose().len() < 8 {
-                bail!("device {}: key is shorter than 8 characters", dev.id);
+            if dev.id.is_empty() || !dev.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                bail!("device id {:?}: use letters, digits, '-', '_' and '.'", dev.id);
             }
             if !ids.insert(&dev.id) {
                 bail!("device {} is listed twice", dev.id);
@@ -175,26 +261,24 @@ impl Config {
         }
         let dp = &self.dataplane;
         if dp.buffer_size < 4096 || dp.buffer_size > (1 << 20) {
-            bail!(
-                "dataplane.buffer_size {} is outside 4096..=1048576",
-                dp.buffer_size
-            );
+            bail!("dataplane.buffer_size {} is outside 4096..=1048576", dp.buffer_size);
         }
         if dp.buffers < 2 {
             bail!("dataplane.buffers must be at least 2");
+        }
+        let l = &self.limits;
+        if l.max_header_bytes < 8192 {
+            bail!("limits.max_header_bytes must be at least 8192");
+        }
+        if l.handshake_timeout_secs == 0 || l.idle_timeout_secs == 0 || l.max_handshakes == 0 {
+            bail!("limits.handshake_timeout_secs, idle_timeout_secs and max_handshakes must be above 0");
         }
         Ok(())
     }
 
     pub fn operator(&self, token: &str) -> Option<&Operator> {
         // Check every entry so the time taken does not tell which one matched.
-        self.operator.iter().fold(None, |found, op| {
-            if op.token.matches(token) {
-                Some(op)
-            } else {
-                found
-            }
-        })
+        self.operator.iter().fold(None, |found, op| if op.token.matches(token) { Some(op) } else { found })
     }
 
     pub fn device(&self, id: &str) -> Option<&Device> {
@@ -237,10 +321,24 @@ mod tests {
     fn secrets_never_show_in_debug_output() {
         let c = Config::parse(MINIMAL).unwrap();
         let dump = format!("{c:?}");
-        assert!(
-            !dump.contains("op-secret") && !dump.contains("dev-secret"),
-            "{dump}"
-        );
+        assert!(!dump.contains("op-secret") && !dump.contains("dev-secret"), "{dump}");
+    }
+
+    #[test]
+    fn credentials_may_be_stored_as_sha256() {
+        // printf %s op-secret | sha256sum
+        let hash = "4c70c0a1fb3f8e1c1d1d3bd7a7fa1f6e2c4aa8b9c1d5a0fd0a5f8d0ea37c7b0e";
+        let real = Sha256::digest(b"op-secret").iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let text = format!("[[operator]]\nname = \"ops\"\ntoken_sha256 = \"{real}\"\n");
+        let c = Config::parse(&text).unwrap();
+        assert!(c.operator("op-secret").is_some());
+        assert!(c.operator(&real).is_none(), "the hash itself is not a credential");
+        let wrong = format!("[[operator]]\nname = \"ops\"\ntoken_sha256 = \"{hash}\"\n");
+        assert!(Config::parse(&wrong).unwrap().operator("op-secret").is_none());
+        let both = format!("[[operator]]\nname = \"ops\"\ntoken = \"op-secret\"\ntoken_sha256 = \"{real}\"\n");
+        assert!(format!("{:#}", Config::parse(&both).unwrap_err()).contains("not both"));
+        let short = "[[operator]]\nname = \"ops\"\ntoken_sha256 = \"abc\"\n";
+        assert!(format!("{:#}", Config::parse(short).unwrap_err()).contains("64 hex digits"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::agent::{self, AgentOptions};
 use crate::client::{ConnectOptions, Session};
-use crate::config::{Config, Device, Operator, Secret};
+use crate::config::{Config, Credential, Device, Operator, Secret};
 use crate::peer::{self, RelayUrl};
 use crate::proto::DeviceInfo;
 use crate::relay::{self, BackendKind};
@@ -30,23 +30,15 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
     let operator_token = Secret::random();
     let device_key = Secret::random();
     let config = Config {
-        operator: vec![Operator {
-            name: "demo".into(),
-            token: operator_token.clone(),
-        }],
-        device: vec![Device {
-            id: "demo-device".into(),
-            key: device_key.clone(),
-        }],
+        operator: vec![Operator { name: "demo".into(), token: Credential::Plain(operator_token.clone()) }],
+        device: vec![Device { id: "demo-device".into(), key: Credential::Plain(device_key.clone()) }],
         limits: Default::default(),
         dataplane: Default::default(),
+        audit_log: None,
     };
     let running = relay::start(config, "127.0.0.1:0".parse()?, backend)?;
     let relay_url = RelayUrl::parse(&format!("http://{}", running.addr))?;
-    println!(
-        "relay listening on {} ({} backend)",
-        running.addr, running.backend
-    );
+    println!("relay listening on {} ({} backend)", running.addr, running.backend);
 
     let mut services = BTreeMap::new();
     services.insert("web".to_string(), service.to_string());
@@ -72,14 +64,9 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
     let serving = tokio::spawn(session.clone().serve(listener, async {
         let _ = tokio::signal::ctrl_c().await;
     }));
-    println!(
-        "session {} started; listening on {local}",
-        session.started.id
-    );
+    println!("session {} started; listening on {local}", session.started.id);
 
-    let (secs, moved) = self_check(local)
-        .await
-        .context("self-check through the tunnel")?;
+    let (secs, moved) = self_check(local).await.context("self-check through the tunnel")?;
     let mib = moved as f64 / (1 << 20) as f64;
     println!(
         "self-check ok: {mib:.0} MiB sent and {mib:.0} MiB echoed back intact through the relay in {secs:.2} s \
@@ -107,17 +94,11 @@ async fn start_web_service() -> anyhow::Result<SocketAddr> {
                         Response::new(req.into_body().boxed())
                     } else {
                         let text = "hello from demo-device, through the ringway relay\n";
-                        Response::new(
-                            Full::new(Bytes::from_static(text.as_bytes()))
-                                .map_err(|e| match e {})
-                                .boxed(),
-                        )
+                        Response::new(Full::new(Bytes::from_static(text.as_bytes())).map_err(|e| match e {}).boxed())
                     };
                     Ok::<_, std::convert::Infallible>(resp)
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
             });
         }
     });
@@ -156,18 +137,12 @@ async fn self_check(local: SocketAddr) -> anyhow::Result<(f64, usize)> {
     let tcp = TcpStream::connect(local).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let req = Request::post("/echo")
-        .header("host", "demo")
-        .body(Full::new(data.clone()))?;
+    let req = Request::post("/echo").header("host", "demo").body(Full::new(data.clone()))?;
     let resp = sender.send_request(req).await?;
     let back = resp.into_body().collect().await?.to_bytes();
     let secs = began.elapsed().as_secs_f64();
     if back != data {
-        bail!(
-            "echoed {} bytes differ from the {} sent",
-            back.len(),
-            data.len()
-        );
+        bail!("echoed {} bytes differ from the {} sent", back.len(), data.len());
     }
     Ok((secs, data.len()))
 }

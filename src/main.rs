@@ -124,9 +124,7 @@ enum SessionAction {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -138,10 +136,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Blocks until SIGTERM or SIGINT.
+fn wait_for_termination() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
+}
+
 fn tokio_main<F: std::future::Future<Output = anyhow::Result<i32>>>(f: F) -> anyhow::Result<i32> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = rt.block_on(f);
     // A read of stdin (--stdio) blocks a pool thread until input comes; do not wait for it.
     rt.shutdown_background();
@@ -150,83 +161,36 @@ fn tokio_main<F: std::future::Future<Output = anyhow::Result<i32>>>(f: F) -> any
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Relay {
-            listen,
-            config,
-            backend,
-        } => {
+        Command::Relay { listen, config, backend } => {
             let config = Config::load(&config)?;
             let running = relay::start(config, listen, backend)?;
             println!("listening on {}", running.addr);
-            running.wait()?;
+            wait_for_termination()?;
+            running.shutdown();
             Ok(0)
         }
-        Command::Agent {
-            relay,
-            device,
-            key,
-            services,
-        } => {
-            let opts = AgentOptions {
-                relay: RelayUrl::parse(&relay)?,
-                device,
-                key,
-                services: services.into_iter().collect(),
-            };
+        Command::Agent { relay, device, key, services } => {
+            let opts =
+                AgentOptions { relay: RelayUrl::parse(&relay)?, device, key, services: services.into_iter().collect() };
             tokio_main(async move { agent::run(opts).await.map(|()| 0) })
         }
-        Command::Connect {
-            relay,
-            token,
-            device,
-            service,
-            listen,
-            exec,
-            stdio,
-            ttl,
-        } => {
-            let opts = ConnectOptions {
-                relay: RelayUrl::parse(&relay)?,
-                token,
-                device,
-                service,
-                ttl_secs: ttl,
-            };
-            let mode = if stdio {
-                Mode::Stdio
-            } else {
-                Mode::Listen { addr: listen, exec }
-            };
+        Command::Connect { relay, token, device, service, listen, exec, stdio, ttl } => {
+            let opts = ConnectOptions { relay: RelayUrl::parse(&relay)?, token, device, service, ttl_secs: ttl };
+            let mode = if stdio { Mode::Stdio } else { Mode::Listen { addr: listen, exec } };
             tokio_main(client::run(opts, mode))
         }
-        Command::Session {
-            action,
-            relay,
-            token,
-        } => {
+        Command::Session { action, relay, token } => {
             let relay = RelayUrl::parse(&relay)?;
             let token = token.context("--token (or RINGWAY_TOKEN) is required")?;
             tokio_main(async move {
                 let (method, path, body) = match action {
-                    SessionAction::Start {
-                        device,
-                        service,
-                        ttl,
-                    } => {
-                        let body = serde_json::to_string(&StartSession {
-                            device,
-                            service,
-                            ttl_secs: ttl,
-                        })?;
+                    SessionAction::Start { device, service, ttl } => {
+                        let body = serde_json::to_string(&StartSession { device, service, ttl_secs: ttl })?;
                         (Method::POST, "/api/v1/sessions".to_string(), Some(body))
                     }
                     SessionAction::List => (Method::GET, "/api/v1/sessions".to_string(), None),
-                    SessionAction::Show { id } => {
-                        (Method::GET, format!("/api/v1/sessions/{id}"), None)
-                    }
-                    SessionAction::Close { id } => {
-                        (Method::DELETE, format!("/api/v1/sessions/{id}"), None)
-                    }
+                    SessionAction::Show { id } => (Method::GET, format!("/api/v1/sessions/{id}"), None),
+                    SessionAction::Close { id } => (Method::DELETE, format!("/api/v1/sessions/{id}"), None),
                 };
                 let out = peer::api(&relay, method, &path, &token, body).await?;
                 if out.is_empty() {
@@ -238,8 +202,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(0)
             })
         }
-        Command::Demo { backend } => {
-            tokio_main(async move { ringway::demo::run(backend).await.map(|()| 0) })
-        }
+        Command::Demo { backend } => tokio_main(async move { ringway::demo::run(backend).await.map(|()| 0) }),
     }
 }

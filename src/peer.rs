@@ -30,9 +30,7 @@ pub struct RelayUrl {
 
 impl RelayUrl {
     pub fn parse(s: &str) -> anyhow::Result<RelayUrl> {
-        let uri: hyper::Uri = s
-            .parse()
-            .with_context(|| format!("relay URL {s:?} is not a URL"))?;
+        let uri: hyper::Uri = s.parse().with_context(|| format!("relay URL {s:?} is not a URL"))?;
         match uri.scheme_str() {
             Some("http" | "ws") => {}
             Some("https" | "wss") => {
@@ -40,30 +38,20 @@ impl RelayUrl {
             }
             _ => bail!("relay URL {s}: use http://HOST:PORT or ws://HOST:PORT"),
         }
-        let host = uri
-            .host()
-            .ok_or_else(|| anyhow!("relay URL {s} has no host"))?;
+        let host = uri.host().ok_or_else(|| anyhow!("relay URL {s} has no host"))?;
         let port = uri.port_u16().unwrap_or(80);
         if !matches!(uri.path(), "" | "/") {
             bail!("relay URL {s}: give only scheme, host and port (no path)");
         }
-        Ok(RelayUrl {
-            authority: format!("{host}:{port}"),
-        })
+        Ok(RelayUrl { authority: format!("{host}:{port}") })
     }
 
     /// Splits a full `ws://host:port/path` URL (as the relay returns in `client_url`).
     pub fn split_ws_url(s: &str) -> anyhow::Result<(RelayUrl, String)> {
         let uri: hyper::Uri = s.parse().with_context(|| format!("{s:?} is not a URL"))?;
-        let pq = uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let base = format!(
-            "{}://{}",
-            uri.scheme_str().unwrap_or("ws"),
-            uri.authority().map(|a| a.as_str()).unwrap_or("")
-        );
+        let pq = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let base =
+            format!("{}://{}", uri.scheme_str().unwrap_or("ws"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
         Ok((RelayUrl::parse(&base)?, pq))
     }
 
@@ -93,32 +81,18 @@ pub async fn dial(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<
         .header(HOST, &relay.authority)
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
+        .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
         .header("Sec-WebSocket-Version", "13")
         .header(AUTHORIZATION, format!("Bearer {bearer}"))
         .body(Empty::<Bytes>::new())?;
-    let mut resp = sender
-        .send_request(req)
-        .await
-        .with_context(|| format!("WebSocket handshake for {path}"))?;
+    let mut resp = sender.send_request(req).await.with_context(|| format!("WebSocket handshake for {path}"))?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         bail!("relay refused {path}: {status} {}", error_text(&body));
     }
     let upgraded = hyper::upgrade::on(&mut resp).await?;
-    Ok(WebSocket::after_handshake(
-        TokioIo::new(upgraded),
-        Role::Client,
-    ))
+    Ok(WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client))
 }
 
 /// The `error` field of a control-API error body, or the body itself.
@@ -149,10 +123,7 @@ pub async fn api(
         req = req.header(CONTENT_TYPE, "application/json");
     }
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .with_context(|| format!("{method} {path}"))?;
+    let resp = sender.send_request(req).await.with_context(|| format!("{method} {path}"))?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
@@ -201,9 +172,7 @@ pub fn channel(mut ws: Ws, max_message: usize) -> Channel {
         let closed = loop {
             let incoming = match read.read_frame(&mut never).await {
                 Ok(f) => match f.opcode {
-                    OpCode::Text => {
-                        Incoming::Text(String::from_utf8_lossy(&f.payload).into_owned())
-                    }
+                    OpCode::Text => Incoming::Text(String::from_utf8_lossy(&f.payload).into_owned()),
                     OpCode::Ping => {
                         let _ = obliged_tx.send(Frame::pong(Payload::Owned(f.payload.to_vec())));
                         Incoming::Alive
@@ -212,15 +181,13 @@ pub fn channel(mut ws: Ws, max_message: usize) -> Channel {
                     OpCode::Close => {
                         let info = close_info(&f.payload);
                         let (code, reason) = info.clone().unwrap_or((1000, String::new()));
-                        let _ =
-                            obliged_tx.send(Frame::close(code, reason.as_bytes()).into_static());
+                        let _ = obliged_tx.send(Frame::close(code, reason.as_bytes()).into_static());
                         break info.or(Some((1005, String::new())));
                     }
                     OpCode::Binary | OpCode::Continuation => continue,
                 },
                 Err(WebSocketError::FrameTooLarge) => {
-                    let _ = obliged_tx
-                        .send(Frame::close(1009, b"control message too large").into_static());
+                    let _ = obliged_tx.send(Frame::close(1009, b"control message too large").into_static());
                     break Some((1009, "control message too large".into()));
                 }
                 Err(_) => break None,
@@ -261,10 +228,7 @@ pub fn channel(mut ws: Ws, max_message: usize) -> Channel {
         // The channel is done: stop the reader too, so both halves drop and the socket closes.
         reader.abort();
     });
-    Channel {
-        tx: out_tx,
-        rx: in_rx,
-    }
+    Channel { tx: out_tx, rx: in_rx }
 }
 
 trait IntoStatic {
@@ -273,23 +237,14 @@ trait IntoStatic {
 
 impl IntoStatic for Frame<'_> {
     fn into_static(self) -> Frame<'static> {
-        Frame::new(
-            self.fin,
-            self.opcode,
-            None,
-            Payload::Owned(self.payload.to_vec()),
-        )
+        Frame::new(self.fin, self.opcode, None, Payload::Owned(self.payload.to_vec()))
     }
 }
 
 /// Code and reason of a Close payload.
 fn close_info(payload: &[u8]) -> Option<(u16, String)> {
-    (payload.len() >= 2).then(|| {
-        (
-            u16::from_be_bytes([payload[0], payload[1]]),
-            String::from_utf8_lossy(&payload[2..]).into_owned(),
-        )
-    })
+    (payload.len() >= 2)
+        .then(|| (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned()))
 }
 
 /// How a spliced connection ended, from the WebSocket side.
@@ -333,11 +288,7 @@ where
             }
             total += n as u64;
         }
-        let _ = up_write
-            .lock()
-            .await
-            .write_frame(Frame::close(1000, b""))
-            .await;
+        let _ = up_write.lock().await.write_frame(Frame::close(1000, b"")).await;
         total
     });
 
@@ -355,16 +306,12 @@ where
                 Ok(f) => match f.opcode {
                     OpCode::Binary | OpCode::Continuation | OpCode::Text => {
                         // flush: a no-op for TCP, but stdout (--stdio) buffers until told.
-                        if tcp_w.write_all(&f.payload).await.is_err()
-                            || tcp_w.flush().await.is_err()
-                        {
+                        if tcp_w.write_all(&f.payload).await.is_err() || tcp_w.flush().await.is_err() {
                             break None;
                         }
                         total += f.payload.len() as u64;
                     }
-                    OpCode::Close => {
-                        break Some(close_info(&f.payload).unwrap_or((1005, String::new())))
-                    }
+                    OpCode::Close => break Some(close_info(&f.payload).unwrap_or((1005, String::new()))),
                     OpCode::Ping | OpCode::Pong => {}
                 },
                 Err(_) => break None,
@@ -390,9 +337,5 @@ where
             0
         }
     };
-    SpliceEnd {
-        close,
-        bytes_up,
-        bytes_down,
-    }
+    SpliceEnd { close, bytes_up, bytes_down }
 }

@@ -9,12 +9,7 @@ use serde::{Deserialize, Serialize};
 pub enum ToAgent {
     /// Dial `service` locally, then the session's device endpoint for connection `conn`,
     /// presenting `token`.
-    Connect {
-        session: String,
-        conn: u64,
-        service: String,
-        token: String,
-    },
+    Connect { session: String, conn: u64, service: String, token: String },
 }
 
 /// Agent → relay, on the agent's control connection.
@@ -22,16 +17,9 @@ pub enum ToAgent {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FromAgent {
     /// Sent once after connecting: the services this agent's own configuration names.
-    Hello {
-        services: Vec<String>,
-        version: String,
-    },
+    Hello { services: Vec<String>, version: String },
     /// The agent could not reach the service for `conn` (or refused to: not configured).
-    ConnectFailed {
-        session: String,
-        conn: u64,
-        reason: String,
-    },
+    ConnectFailed { session: String, conn: u64, reason: String },
 }
 
 /// Relay → client, on the session control connection.
@@ -109,10 +97,7 @@ pub struct ApiError {
 }
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -121,26 +106,15 @@ mod tests {
 
     #[test]
     fn agent_messages_are_tagged_json() {
-        let m = ToAgent::Connect {
-            session: "s".into(),
-            conn: 7,
-            service: "ssh".into(),
-            token: "t".into(),
-        };
+        let m = ToAgent::Connect { session: "s".into(), conn: 7, service: "ssh".into(), token: "t".into() };
         let j = serde_json::to_string(&m).unwrap();
-        assert_eq!(
-            j,
-            r#"{"type":"connect","session":"s","conn":7,"service":"ssh","token":"t"}"#
-        );
+        assert_eq!(j, r#"{"type":"connect","session":"s","conn":7,"service":"ssh","token":"t"}"#);
         assert_eq!(serde_json::from_str::<ToAgent>(&j).unwrap(), m);
     }
 
     #[test]
     fn unknown_message_types_and_fields_are_rejected() {
         assert!(serde_json::from_str::<FromAgent>(r#"{"type":"launch_missiles"}"#).is_err());
-        assert!(serde_json::from_str::<FromAgent>(
-            r#"{"type":"hello","services":[],"version":"1","x":1}"#
-        )
-        .is_err());
+        assert!(serde_json::from_str::<FromAgent>(r#"{"type":"hello","services":[],"version":"1","x":1}"#).is_err());
     }
 }

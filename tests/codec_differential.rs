@@ -43,23 +43,13 @@ fn payload_size(rng: &mut StdRng) -> usize {
 }
 
 fn control(rng: &mut StdRng) -> (TestFrame, Msg) {
-    let payload: Vec<u8> = (0..rng.random_range(0..=125))
-        .map(|_| rng.random())
-        .collect();
+    let payload: Vec<u8> = (0..rng.random_range(0..=125)).map(|_| rng.random()).collect();
     let (opcode, msg) = if rng.random_bool(0.5) {
         (OpCode::Ping, Msg::Ping(payload.clone()))
     } else {
         (OpCode::Pong, Msg::Pong(payload.clone()))
     };
-    (
-        TestFrame {
-            fin: true,
-            opcode,
-            payload,
-            mask: rng.random(),
-        },
-        msg,
-    )
+    (TestFrame { fin: true, opcode, payload, mask: rng.random() }, msg)
 }
 
 /// A random stream: data messages (some fragmented) with control frames between and inside
@@ -75,11 +65,7 @@ fn random_stream(rng: &mut StdRng) -> (Vec<TestFrame>, Vec<Msg>) {
         } else {
             (0..size).map(|_| rng.random()).collect()
         };
-        let pieces = if rng.random_bool(0.4) {
-            rng.random_range(2..6)
-        } else {
-            1
-        };
+        let pieces = if rng.random_bool(0.4) { rng.random_range(2..6) } else { 1 };
         let mut cuts: Vec<usize> = (1..pieces).map(|_| rng.random_range(0..=size)).collect();
         cuts.sort_unstable();
         cuts.insert(0, 0);
@@ -102,11 +88,7 @@ fn random_stream(rng: &mut StdRng) -> (Vec<TestFrame>, Vec<Msg>) {
                 msgs.push(m);
             }
         }
-        msgs.push(if text {
-            Msg::Text(payload)
-        } else {
-            Msg::Binary(payload)
-        });
+        msgs.push(if text { Msg::Text(payload) } else { Msg::Binary(payload) });
         if rng.random_bool(0.2) {
             let (f, m) = control(rng);
             frames.push(f);
@@ -118,12 +100,7 @@ fn random_stream(rng: &mut StdRng) -> (Vec<TestFrame>, Vec<Msg>) {
         let code = [1000u16, 1001, 4001, 4003][rng.random_range(0..4)];
         let mut payload = code.to_be_bytes().to_vec();
         payload.extend_from_slice(reason.as_bytes());
-        frames.push(TestFrame {
-            fin: true,
-            opcode: OpCode::Close,
-            payload,
-            mask: rng.random(),
-        });
+        frames.push(TestFrame { fin: true, opcode: OpCode::Close, payload, mask: rng.random() });
         msgs.push(Msg::Close(Some((code, reason))));
     }
     (frames, msgs)
@@ -145,8 +122,7 @@ fn fws_encode(frames: &[TestFrame], masked: bool) -> Vec<u8> {
     let mut scratch = Vec::new();
     for f in frames {
         let mask = masked.then_some(f.mask);
-        let mut frame =
-            fastwebsockets::Frame::new(f.fin, fws_opcode(f.opcode), mask, f.payload.clone().into());
+        let mut frame = fastwebsockets::Frame::new(f.fin, fws_opcode(f.opcode), mask, f.payload.clone().into());
         if masked {
             frame.mask();
         }
@@ -168,15 +144,8 @@ fn tung_encode(frames: &[TestFrame], masked: bool) -> Vec<u8> {
             OpCode::Ping => TOp::Control(Control::Ping),
             OpCode::Pong => TOp::Control(Control::Pong),
         };
-        let header = FrameHeader {
-            is_final: f.fin,
-            opcode,
-            mask: masked.then_some(f.mask),
-            ..Default::default()
-        };
-        Frame::from_payload(header, f.payload.clone().into())
-            .format(&mut out)
-            .expect("format into a Vec");
+        let header = FrameHeader { is_final: f.fin, opcode, mask: masked.then_some(f.mask), ..Default::default() };
+        Frame::from_payload(header, f.payload.clone().into()).format(&mut out).expect("format into a Vec");
     }
     out
 }
@@ -191,9 +160,7 @@ fn forward_in_random_reads(input: &[u8], rng: &mut StdRng) -> Vec<u8> {
     while at < input.len() {
         let n = rng.random_range(1..=max_read).min(input.len() - at);
         buf[HEADROOM..HEADROOM + n].copy_from_slice(&input[at..at + n]);
-        let range = f
-            .forward(&mut buf, HEADROOM..HEADROOM + n, |_| {})
-            .expect("valid stream is accepted");
+        let range = f.forward(&mut buf, HEADROOM..HEADROOM + n, |_| {}).expect("valid stream is accepted");
         out.extend_from_slice(&buf[range]);
         at += n;
     }
@@ -234,11 +201,7 @@ impl tokio::io::AsyncRead for Replay {
 }
 
 impl tokio::io::AsyncWrite for Replay {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -252,31 +215,23 @@ impl tokio::io::AsyncWrite for Replay {
 fn tung_decode(bytes: Vec<u8>, count: usize) -> Vec<Msg> {
     use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
     use tungstenite::Message;
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(16 << 20));
+    let config = WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(16 << 20));
     let mut ws = WebSocket::from_raw_socket(Replay(Cursor::new(bytes)), Role::Client, Some(config));
     (0..count)
-        .map(
-            |_| match ws.read().expect("tungstenite decodes the output") {
-                Message::Text(t) => Msg::Text(t.as_bytes().to_vec()),
-                Message::Binary(b) => Msg::Binary(b.to_vec()),
-                Message::Ping(b) => Msg::Ping(b.to_vec()),
-                Message::Pong(b) => Msg::Pong(b.to_vec()),
-                Message::Close(c) => {
-                    Msg::Close(c.map(|c| (u16::from(c.code), c.reason.to_string())))
-                }
-                Message::Frame(_) => unreachable!("read() never yields raw frames"),
-            },
-        )
+        .map(|_| match ws.read().expect("tungstenite decodes the output") {
+            Message::Text(t) => Msg::Text(t.as_bytes().to_vec()),
+            Message::Binary(b) => Msg::Binary(b.to_vec()),
+            Message::Ping(b) => Msg::Ping(b.to_vec()),
+            Message::Pong(b) => Msg::Pong(b.to_vec()),
+            Message::Close(c) => Msg::Close(c.map(|c| (u16::from(c.code), c.reason.to_string()))),
+            Message::Frame(_) => unreachable!("read() never yields raw frames"),
+        })
         .collect()
 }
 
 fn fws_decode(bytes: Vec<u8>, count: usize) -> Vec<Msg> {
     use fastwebsockets::{FragmentCollector, OpCode as F, Role, WebSocket};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     rt.block_on(async move {
         let mut ws = WebSocket::after_handshake(Replay(Cursor::new(bytes)), Role::Client);
         ws.set_auto_pong(false);
@@ -285,10 +240,7 @@ fn fws_decode(bytes: Vec<u8>, count: usize) -> Vec<Msg> {
         let mut ws = FragmentCollector::new(ws);
         let mut msgs = Vec::new();
         for _ in 0..count {
-            let f = ws
-                .read_frame()
-                .await
-                .expect("fastwebsockets decodes the output");
+            let f = ws.read_frame().await.expect("fastwebsockets decodes the output");
             let p = f.payload.to_vec();
             msgs.push(match f.opcode {
                 F::Text => Msg::Text(p),
@@ -296,10 +248,9 @@ fn fws_decode(bytes: Vec<u8>, count: usize) -> Vec<Msg> {
                 F::Ping => Msg::Ping(p),
                 F::Pong => Msg::Pong(p),
                 F::Close if p.is_empty() => Msg::Close(None),
-                F::Close => Msg::Close(Some((
-                    u16::from_be_bytes([p[0], p[1]]),
-                    String::from_utf8(p[2..].to_vec()).unwrap(),
-                ))),
+                F::Close => {
+                    Msg::Close(Some((u16::from_be_bytes([p[0], p[1]]), String::from_utf8(p[2..].to_vec()).unwrap())))
+                }
                 F::Continuation => unreachable!("the collector reassembles continuations"),
             });
         }
@@ -314,38 +265,18 @@ fn forwarder_output_matches_fastwebsockets_and_tungstenite_frame_for_frame() {
         let mut rng = StdRng::seed_from_u64(seed);
         let (frames, msgs) = random_stream(&mut rng);
         let masked = fws_encode(&frames, true);
-        assert!(
-            masked == tung_encode(&frames, true),
-            "seed {seed}: the two libraries mask differently"
-        );
+        assert!(masked == tung_encode(&frames, true), "seed {seed}: the two libraries mask differently");
         let want = fws_encode(&frames, false);
-        assert!(
-            want == tung_encode(&frames, false),
-            "seed {seed}: the two libraries frame differently"
-        );
+        assert!(want == tung_encode(&frames, false), "seed {seed}: the two libraries frame differently");
 
         let out = forward_in_random_reads(&masked, &mut rng);
         assert_eq!(out.len(), masked.len() - 4 * frames.len(), "seed {seed}");
-        assert!(
-            out == want,
-            "seed {seed}: forwarder output differs from the libraries' unmasked frames"
-        );
+        assert!(out == want, "seed {seed}: forwarder output differs from the libraries' unmasked frames");
 
-        assert_eq!(
-            tung_decode(out.clone(), msgs.len()),
-            msgs,
-            "seed {seed}: tungstenite"
-        );
-        assert_eq!(
-            fws_decode(out, msgs.len()),
-            msgs,
-            "seed {seed}: fastwebsockets"
-        );
+        assert_eq!(tung_decode(out.clone(), msgs.len()), msgs, "seed {seed}: tungstenite");
+        assert_eq!(fws_decode(out, msgs.len()), msgs, "seed {seed}: fastwebsockets");
         total += masked.len();
         over_1mib += frames.iter().filter(|f| f.payload.len() > 1 << 20).count();
     }
-    assert!(
-        over_1mib >= 2,
-        "frames over 1 MiB must be covered; {over_1mib} in {total} bytes"
-    );
+    assert!(over_1mib >= 2, "frames over 1 MiB must be covered; {over_1mib} in {total} bytes");
 }

@@ -9,10 +9,7 @@ use crate::util::*;
 
 /// A device-side service that, per connection, sends `len` bytes of `Noise(seed)` while it
 /// reads everything the client sends; reports the checksum of what it read.
-fn source_sink_service(
-    len: u64,
-    seed: u64,
-) -> (SocketAddr, mpsc::Receiver<(u64, u64)>, (u64, u64)) {
+fn source_sink_service(len: u64, seed: u64) -> (SocketAddr, mpsc::Receiver<(u64, u64)>, (u64, u64)) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -52,19 +49,9 @@ fn bulk_each_way(backend: &str) {
     let mut r = tcp;
     let got = read_all_sum(&mut r);
     let sent = sender.join().unwrap();
-    let device_got = received
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the service saw the stream end");
-    assert_eq!(
-        got, service_sent,
-        "device -> client: {} of {LEN} bytes, checksum differs",
-        got.1
-    );
-    assert_eq!(
-        device_got, sent,
-        "client -> device: {} of {LEN} bytes, checksum differs",
-        device_got.1
-    );
+    let device_got = received.recv_timeout(Duration::from_secs(60)).expect("the service saw the stream end");
+    assert_eq!(got, service_sent, "device -> client: {} of {LEN} bytes, checksum differs", got.1);
+    assert_eq!(device_got, sent, "client -> device: {} of {LEN} bytes, checksum differs", device_got.1);
     assert!(relay.metric("ringway_bytes_to_device_total") >= LEN);
     assert!(relay.metric("ringway_bytes_to_client_total") >= LEN);
 }
@@ -103,11 +90,7 @@ fn concurrent_connections(backend: &str) {
         .collect();
     for (i, w) in workers.into_iter().enumerate() {
         let (sent, got) = w.join().unwrap();
-        assert_eq!(
-            got, sent,
-            "connection {i}: echo differs ({} of {} bytes)",
-            got.1, sent.1
-        );
+        assert_eq!(got, sent, "connection {i}: echo differs ({} of {} bytes)", got.1, sent.1);
     }
 }
 
@@ -128,65 +111,26 @@ fn the_control_api_lists_shows_and_closes_sessions() {
     let _agent = relay.agent(&[format!("echo={echo}")]);
 
     assert_eq!(http(relay.addr, "GET", "/healthz", None, None).0, 200);
-    assert_eq!(
-        http(
-            relay.addr,
-            "GET",
-            "/api/v1/sessions",
-            Some("wrong-token"),
-            None
-        )
-        .0,
-        401
-    );
-    assert_eq!(
-        http(relay.addr, "GET", "/api/v1/sessions", None, None).0,
-        401
-    );
+    assert_eq!(http(relay.addr, "GET", "/api/v1/sessions", Some("wrong-token"), None).0, 401);
+    assert_eq!(http(relay.addr, "GET", "/api/v1/sessions", None, None).0, 401);
 
-    let (status, body) = http(
-        relay.addr,
-        "GET",
-        "/api/v1/devices",
-        Some(OPERATOR_TOKEN),
-        None,
-    );
+    let (status, body) = http(relay.addr, "GET", "/api/v1/devices", Some(OPERATOR_TOKEN), None);
     assert_eq!(status, 200);
     let devices: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let dev1 = devices
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"] == DEVICE_ID)
-        .unwrap();
+    let dev1 = devices.as_array().unwrap().iter().find(|d| d["id"] == DEVICE_ID).unwrap();
     assert_eq!(dev1["online"], true);
     assert_eq!(dev1["services"], serde_json::json!(["echo"]));
 
     let (id, client_url, token) = relay.start_session("echo", None);
-    assert!(
-        client_url.starts_with(&format!("ws://{}/", relay.addr)),
-        "{client_url}"
-    );
+    assert!(client_url.starts_with(&format!("ws://{}/", relay.addr)), "{client_url}");
     assert!(token.len() >= 32);
-    let (status, body) = http(
-        relay.addr,
-        "GET",
-        &format!("/api/v1/sessions/{id}"),
-        Some(OPERATOR_TOKEN),
-        None,
-    );
+    let (status, body) = http(relay.addr, "GET", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None);
     assert_eq!(status, 200, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(info["device"], DEVICE_ID);
     assert_eq!(info["service"], "echo");
     assert_eq!(info["operator"], "ops");
-    let (_, body) = http(
-        relay.addr,
-        "GET",
-        "/api/v1/sessions",
-        Some(OPERATOR_TOKEN),
-        None,
-    );
+    let (_, body) = http(relay.addr, "GET", "/api/v1/sessions", Some(OPERATOR_TOKEN), None);
     assert!(body.contains(&id));
 
     // A service the device does not offer, and a device the relay does not know.
@@ -207,61 +151,18 @@ fn the_control_api_lists_shows_and_closes_sessions() {
         Some(r#"{"device":"nope","service":"echo"}"#),
     );
     assert_eq!(status, 404);
-    let (status, _) = http(
-        relay.addr,
-        "POST",
-        "/api/v1/sessions",
-        Some(OPERATOR_TOKEN),
-        Some("{not json"),
-    );
+    let (status, _) = http(relay.addr, "POST", "/api/v1/sessions", Some(OPERATOR_TOKEN), Some("{not json"));
     assert_eq!(status, 400);
 
-    assert_eq!(
-        http(
-            relay.addr,
-            "DELETE",
-            &format!("/api/v1/sessions/{id}"),
-            Some(OPERATOR_TOKEN),
-            None
-        )
-        .0,
-        204
-    );
-    assert_eq!(
-        http(
-            relay.addr,
-            "GET",
-            &format!("/api/v1/sessions/{id}"),
-            Some(OPERATOR_TOKEN),
-            None
-        )
-        .0,
-        404
-    );
-    assert_eq!(
-        http(
-            relay.addr,
-            "DELETE",
-            &format!("/api/v1/sessions/{id}"),
-            Some(OPERATOR_TOKEN),
-            None
-        )
-        .0,
-        404
-    );
+    assert_eq!(http(relay.addr, "DELETE", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None).0, 204);
+    assert_eq!(http(relay.addr, "GET", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None).0, 404);
+    assert_eq!(http(relay.addr, "DELETE", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None).0, 404);
 
     let (_, metrics) = http(relay.addr, "GET", "/metrics", None, None);
-    for name in [
-        "ringway_sessions_active 0",
-        "ringway_agents_connected 1",
-        "ringway_sessions_started_total 1",
-    ] {
+    for name in ["ringway_sessions_active 0", "ringway_agents_connected 1", "ringway_sessions_started_total 1"] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
-    assert!(
-        metrics.contains("ringway_handshake_failures_total{reason=\"bad_token\"} 2"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("ringway_handshake_failures_total{reason=\"bad_token\"} 2"), "{metrics}");
 }
 
 #[test]
@@ -276,11 +177,7 @@ fn the_session_cli_prints_json() {
             .args(["--relay", &relay.url(), "--token", OPERATOR_TOKEN])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let started = run(&["start", "--device", DEVICE_ID, "--service", "echo"]);

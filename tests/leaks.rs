@@ -17,11 +17,7 @@ fn churn(backend: &str) {
     let settle = |what: &str, current: &dyn Fn() -> u64, want: u64| {
         let deadline = Instant::now() + Duration::from_secs(15);
         while current() != want {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {} now, {want} before",
-                current()
-            );
+            assert!(Instant::now() < deadline, "{what}: {} now, {want} before", current());
             thread::sleep(Duration::from_millis(100));
         }
     };
@@ -45,26 +41,19 @@ fn churn(backend: &str) {
     for w in workers {
         w.join().unwrap();
     }
-    assert_eq!(
-        relay.metric("ringway_connections_opened_total") - opened_before,
-        CONNECTIONS
-    );
+    assert_eq!(relay.metric("ringway_connections_opened_total") - opened_before, CONNECTIONS);
     settle("tunnels", &|| relay.metric("ringway_tunnels_active"), 0);
-    settle(
-        "buffers in use",
-        &|| relay.metric("ringway_buffers_in_use"),
-        buffers_before,
-    );
+    settle("buffers in use", &|| relay.metric("ringway_buffers_in_use"), buffers_before);
     settle("open descriptors", &|| relay.open_fds() as u64, fds_before);
     let closed = relay.metric("ringway_connections_closed_total");
     assert_eq!(closed, relay.metric("ringway_connections_opened_total"));
     let rss_after = relay.rss_kib();
-    eprintln!("{backend}: {CONNECTIONS} connections; relay fds {fds_before} -> {}, RSS {rss_before} -> {rss_after} KiB", relay.open_fds());
-    // A buffer or tunnel kept per connection would show as tens of MiB here.
-    assert!(
-        rss_after < rss_before + 16 * 1024,
-        "relay RSS grew from {rss_before} to {rss_after} KiB"
+    eprintln!(
+        "{backend}: {CONNECTIONS} connections; relay fds {fds_before} -> {}, RSS {rss_before} -> {rss_after} KiB",
+        relay.open_fds()
     );
+    // A buffer or tunnel kept per connection would show as tens of MiB here.
+    assert!(rss_after < rss_before + 16 * 1024, "relay RSS grew from {rss_before} to {rss_after} KiB");
 }
 
 /// One short connection through the tunnel: a few KiB echoed back exactly.
@@ -77,12 +66,7 @@ fn one_echo(local: std::net::SocketAddr, seed: u64) {
     tcp.shutdown(Shutdown::Write).unwrap();
     let mut back = Vec::new();
     tcp.read_to_end(&mut back).unwrap();
-    assert!(
-        back == data,
-        "connection {seed}: {} bytes back of {}",
-        back.len(),
-        data.len()
-    );
+    assert!(back == data, "connection {seed}: {} bytes back of {}", back.len(), data.len());
 }
 
 #[test]

@@ -27,39 +27,21 @@ impl Drop for Sshd {
 }
 
 fn keygen(path: &Path) {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path)
-        .output();
+    let out = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(path).output();
     let out = out.expect("ssh-keygen must be installed (bash .ci/run installs openssh-client)");
-    assert!(
-        out.status.success(),
-        "ssh-keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn start_sshd() -> Sshd {
-    assert!(
-        Path::new(SSHD).exists(),
-        "{SSHD} missing: bash .ci/run installs openssh-server"
-    );
+    assert!(Path::new(SSHD).exists(), "{SSHD} missing: bash .ci/run installs openssh-server");
     let dir = tempfile::tempdir().unwrap();
     let (host_key, key) = (dir.path().join("host_key"), dir.path().join("user_key"));
     keygen(&host_key);
     keygen(&key);
-    std::fs::copy(
-        dir.path().join("user_key.pub"),
-        dir.path().join("authorized_keys"),
-    )
-    .unwrap();
+    std::fs::copy(dir.path().join("user_key.pub"), dir.path().join("authorized_keys")).unwrap();
     // sshd started as root wants its privilege-separation directory.
     let _ = std::fs::create_dir_all("/run/sshd");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = dir.path().join("sshd_config");
     std::fs::write(
         &config,
@@ -73,26 +55,13 @@ fn start_sshd() -> Sshd {
         ),
     )
     .unwrap();
-    let proc = Command::new(SSHD)
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let proc = Command::new(SSHD).args(["-D", "-e", "-f"]).arg(&config).stderr(Stdio::inherit()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "sshd did not start listening on {port}"
-        );
+        assert!(Instant::now() < deadline, "sshd did not start listening on {port}");
         thread::sleep(Duration::from_millis(50));
     }
-    Sshd {
-        proc,
-        port,
-        key,
-        _dir: dir,
-    }
+    Sshd { proc, port, key, _dir: dir }
 }
 
 fn user() -> String {
@@ -127,25 +96,13 @@ fn payload(dir: &Path) -> (PathBuf, String) {
     send_noise(&mut f, 64, 64 << 20);
     drop(f);
     let out = Command::new("sha256sum").arg(&path).output().unwrap();
-    let sum = String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let sum = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string();
     (path, format!("{sum}  -"))
 }
 
 fn run_ssh(mut cmd: Command, stdin: &Path) -> String {
-    let out = cmd
-        .stdin(std::fs::File::open(stdin).unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ssh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cmd.stdin(std::fs::File::open(stdin).unwrap()).output().unwrap();
+    assert!(out.status.success(), "ssh failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -161,12 +118,7 @@ fn openssh_through_connect_its_stdio_proxy_command_and_exec() {
     // 1. ssh to the local port `ringway connect` opened.
     let (_connect, local) = relay.connect("ssh", &[]);
     let mut cmd = Command::new("ssh");
-    cmd.args(ssh_args(&sshd.key)).args([
-        "-p",
-        &local.port().to_string(),
-        &target,
-        "echo ok; sha256sum",
-    ]);
+    cmd.args(ssh_args(&sshd.key)).args(["-p", &local.port().to_string(), &target, "echo ok; sha256sum"]);
     assert_eq!(run_ssh(cmd, &input), format!("ok\n{want}\n"));
 
     // 2. ssh with `ringway connect --stdio` as its ProxyCommand.
@@ -175,12 +127,7 @@ fn openssh_through_connect_its_stdio_proxy_command_and_exec() {
         relay.url()
     );
     let mut cmd = Command::new("ssh");
-    cmd.args(ssh_args(&sshd.key)).args([
-        "-o",
-        &proxy,
-        &format!("{}@device", user()),
-        "echo ok; sha256sum",
-    ]);
+    cmd.args(ssh_args(&sshd.key)).args(["-o", &proxy, &format!("{}@device", user()), "echo ok; sha256sum"]);
     assert_eq!(run_ssh(cmd, &input), format!("ok\n{want}\n"));
 
     // 3. `ringway connect --exec` runs ssh against the port and exits with its status.
@@ -207,8 +154,5 @@ fn openssh_through_connect_its_stdio_proxy_command_and_exec() {
         .status()
         .unwrap();
     assert!(status.success(), "connect --exec exited with {status}");
-    assert_eq!(
-        std::fs::read_to_string(&out_file).unwrap(),
-        "ok from exec\n"
-    );
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "ok from exec\n");
 }

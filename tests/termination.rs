@@ -8,11 +8,7 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 /// A raw client data connection (tungstenite) through a fresh session of `service`.
-fn raw_client(
-    relay: &Relay,
-    service: &str,
-    ttl: Option<u64>,
-) -> (String, tungstenite::WebSocket<TcpStream>) {
+fn raw_client(relay: &Relay, service: &str, ttl: Option<u64>) -> (String, tungstenite::WebSocket<TcpStream>) {
     let (id, url, token) = relay.start_session(service, ttl);
     (id, ws_connect(&url, &token))
 }
@@ -25,21 +21,14 @@ fn a_service_not_listening_on_the_device_closes_with_4001() {
     let (_, mut ws) = raw_client(&relay, "dead", None);
     let (code, reason) = ws_wait_close(&mut ws, Duration::from_secs(10));
     assert_eq!(code, 4001, "{reason}");
-    assert!(
-        reason.contains("refused") && reason.contains(&dead.to_string()),
-        "{reason}"
-    );
+    assert!(reason.contains("refused") && reason.contains(&dead.to_string()), "{reason}");
 
     // And through `ringway connect`, the user is told why.
     let (mut connect, local) = relay.connect("dead", &[]);
     let mut tcp = TcpStream::connect(local).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 16];
-    assert_eq!(
-        tcp.read(&mut buf).unwrap_or(0),
-        0,
-        "the local connection ends"
-    );
+    assert_eq!(tcp.read(&mut buf).unwrap_or(0), 0, "the local connection ends");
     thread::sleep(Duration::from_millis(200));
     connect.kill();
     assert!(connect.stderr().contains("4001"), "{}", connect.stderr());
@@ -60,14 +49,9 @@ fn the_agent_refuses_a_service_its_own_configuration_does_not_name() {
 }
 
 /// Streams bytes through `ws` to an echo service until the relay closes it.
-fn stream_until_closed(
-    ws: &mut tungstenite::WebSocket<TcpStream>,
-    within: Duration,
-) -> (u16, String, u64) {
+fn stream_until_closed(ws: &mut tungstenite::WebSocket<TcpStream>, within: Duration) -> (u16, String, u64) {
     ws.get_mut().set_nonblocking(false).unwrap();
-    ws.get_mut()
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     let deadline = Instant::now() + within;
     let mut echoed = 0u64;
     loop {
@@ -75,16 +59,11 @@ fn stream_until_closed(
         let _ = ws.send(tungstenite::Message::binary(vec![7u8; 8192]));
         match ws.read() {
             Ok(tungstenite::Message::Binary(b)) => echoed += b.len() as u64,
-            Ok(tungstenite::Message::Close(Some(c))) => {
-                return (c.code.into(), c.reason.to_string(), echoed)
-            }
+            Ok(tungstenite::Message::Close(Some(c))) => return (c.code.into(), c.reason.to_string(), echoed),
             Ok(tungstenite::Message::Close(None)) => return (1005, String::new(), echoed),
             Ok(_) => {}
             Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
             Err(e) => panic!("connection broke without a close frame: {e}"),
         }
     }
@@ -99,17 +78,7 @@ fn closing_the_session_through_the_api_while_data_flows_closes_with_4003() {
     let addr = relay.addr;
     let closer = thread::spawn(move || {
         thread::sleep(Duration::from_millis(500));
-        assert_eq!(
-            http(
-                addr,
-                "DELETE",
-                &format!("/api/v1/sessions/{id}"),
-                Some(OPERATOR_TOKEN),
-                None
-            )
-            .0,
-            204
-        );
+        assert_eq!(http(addr, "DELETE", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None).0, 204);
     });
     let (code, reason, echoed) = stream_until_closed(&mut ws, Duration::from_secs(10));
     closer.join().unwrap();
@@ -125,24 +94,14 @@ fn killing_the_agent_closes_connections_with_4004() {
     let mut agent = relay.agent(&[format!("echo={echo}")]);
     let (_, mut ws) = raw_client(&relay, "echo", None);
     // Data flows, then the agent dies.
-    ws.send(tungstenite::Message::binary(b"ping".to_vec()))
-        .unwrap();
-    ws.get_mut()
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    assert_eq!(
-        ws.read().unwrap(),
-        tungstenite::Message::binary(b"ping".to_vec())
-    );
+    ws.send(tungstenite::Message::binary(b"ping".to_vec())).unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::binary(b"ping".to_vec()));
     let killed = Instant::now();
     agent.kill();
     let (code, reason) = ws_wait_close(&mut ws, Duration::from_secs(10));
     assert_eq!(code, 4004, "{reason}");
-    assert!(
-        killed.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        killed.elapsed()
-    );
+    assert!(killed.elapsed() < Duration::from_secs(5), "took {:?}", killed.elapsed());
     // New connections to the offline device are refused the same way.
     let (_, mut ws) = raw_client(&relay, "echo", None);
     assert_eq!(ws_wait_close(&mut ws, Duration::from_secs(10)).0, 4004);
@@ -156,17 +115,7 @@ fn an_expired_session_closes_with_4002() {
     let (id, mut ws) = raw_client(&relay, "echo", Some(2));
     let (code, reason, _) = stream_until_closed(&mut ws, Duration::from_secs(10));
     assert_eq!(code, 4002, "{reason}");
-    assert_eq!(
-        http(
-            relay.addr,
-            "GET",
-            &format!("/api/v1/sessions/{id}"),
-            Some(OPERATOR_TOKEN),
-            None
-        )
-        .0,
-        404
-    );
+    assert_eq!(http(relay.addr, "GET", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None).0, 404);
 }
 
 #[test]
@@ -185,10 +134,7 @@ fn connect_reports_the_session_end_and_exits() {
         if let Some(s) = connect.child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "connect did not exit after the session expired"
-        );
+        assert!(Instant::now() < deadline, "connect did not exit after the session expired");
         thread::sleep(Duration::from_millis(50));
     };
     let _ = status;

@@ -27,11 +27,7 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `ringway ARGS` and waits for its stdout line `listening on ADDR` (if `wait_listen`).
-    pub fn spawn(
-        name: &'static str,
-        args: &[&str],
-        wait_listen: bool,
-    ) -> (Proc, Option<SocketAddr>) {
+    pub fn spawn(name: &'static str, args: &[&str], wait_listen: bool) -> (Proc, Option<SocketAddr>) {
         let mut child = Command::new(BIN)
             .args(args)
             .env("RUST_LOG", "info")
@@ -49,9 +45,7 @@ impl Proc {
                 if n == 0 {
                     break;
                 }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         let out = child.stdout.take().unwrap();
@@ -62,11 +56,7 @@ impl Proc {
                 let _ = tx.send(line);
             }
         });
-        let mut proc = Proc {
-            child,
-            stderr,
-            name,
-        };
+        let mut proc = Proc { child, stderr, name };
         let addr = if wait_listen {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
@@ -136,22 +126,10 @@ impl Relay {
         .unwrap();
         let (proc, addr) = Proc::spawn(
             "relay",
-            &[
-                "relay",
-                "--listen",
-                "127.0.0.1:0",
-                "--config",
-                config.to_str().unwrap(),
-                "--backend",
-                backend,
-            ],
+            &["relay", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap(), "--backend", backend],
             true,
         );
-        Relay {
-            proc,
-            addr: addr.unwrap(),
-            dir,
-        }
+        Relay { proc, addr: addr.unwrap(), dir }
     }
 
     pub fn url(&self) -> String {
@@ -160,13 +138,7 @@ impl Relay {
 
     /// Starts an agent for dev-1 with `services` (NAME=HOST:PORT) and waits until it is online.
     pub fn agent(&self, services: &[String]) -> Proc {
-        let mut args = vec![
-            "agent".to_string(),
-            "--relay".into(),
-            self.url(),
-            "--device".into(),
-            DEVICE_ID.into(),
-        ];
+        let mut args = vec!["agent".to_string(), "--relay".into(), self.url(), "--device".into(), DEVICE_ID.into()];
         args.extend(["--key".into(), DEVICE_KEY.into()]);
         for s in services {
             args.extend(["--service".into(), s.clone()]);
@@ -180,27 +152,14 @@ impl Relay {
     pub fn wait_device_online(&self, id: &str, online: bool) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let (status, body) = http(
-                self.addr,
-                "GET",
-                "/api/v1/devices",
-                Some(OPERATOR_TOKEN),
-                None,
-            );
+            let (status, body) = http(self.addr, "GET", "/api/v1/devices", Some(OPERATOR_TOKEN), None);
             assert_eq!(status, 200, "{body}");
             let devices: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let now = devices
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|d| d["id"] == id && d["online"] == online);
+            let now = devices.as_array().unwrap().iter().any(|d| d["id"] == id && d["online"] == online);
             if now {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "device {id} never became online={online}: {body}"
-            );
+            assert!(Instant::now() < deadline, "device {id} never became online={online}: {body}");
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -208,17 +167,8 @@ impl Relay {
     /// `ringway connect` for `service`, returning the process and its local port.
     pub fn connect(&self, service: &str, extra: &[&str]) -> (Proc, SocketAddr) {
         let url = self.url();
-        let mut args = vec![
-            "connect",
-            "--relay",
-            &url,
-            "--token",
-            OPERATOR_TOKEN,
-            "--device",
-            DEVICE_ID,
-            "--service",
-            service,
-        ];
+        let mut args =
+            vec!["connect", "--relay", &url, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", service];
         args.extend_from_slice(extra);
         let (proc, addr) = Proc::spawn("connect", &args, true);
         (proc, addr.unwrap())
@@ -232,13 +182,7 @@ impl Relay {
             }
             None => format!(r#"{{"device":"{DEVICE_ID}","service":"{service}"}}"#),
         };
-        let (status, body) = http(
-            self.addr,
-            "POST",
-            "/api/v1/sessions",
-            Some(OPERATOR_TOKEN),
-            Some(&body),
-        );
+        let (status, body) = http(self.addr, "POST", "/api/v1/sessions", Some(OPERATOR_TOKEN), Some(&body));
         assert_eq!(status, 201, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         (
@@ -266,26 +210,16 @@ impl Relay {
     }
 
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.proc.pid()))
-            .unwrap()
-            .count()
+        std::fs::read_dir(format!("/proc/{}/fd", self.proc.pid())).unwrap().count()
     }
 }
 
 /// A minimal HTTP/1.1 request over a fresh connection: (status, body).
-pub fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (u16, String) {
+pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -294,15 +228,8 @@ pub fn http(
     .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
 
@@ -310,26 +237,19 @@ pub fn http(
 pub fn ws_connect(url: &str, token: &str) -> tungstenite::WebSocket<TcpStream> {
     use tungstenite::client::IntoClientRequest;
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
     let authority = req.uri().authority().unwrap().as_str().to_string();
     let tcp = TcpStream::connect(authority).unwrap();
-    let (ws, _) =
-        tungstenite::client(req, tcp).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
+    let (ws, _) = tungstenite::client(req, tcp).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
     ws
 }
 
 /// Reads until the peer's Close; returns its code and reason.
-pub fn ws_wait_close(
-    ws: &mut tungstenite::WebSocket<TcpStream>,
-    within: Duration,
-) -> (u16, String) {
+pub fn ws_wait_close(ws: &mut tungstenite::WebSocket<TcpStream>, within: Duration) -> (u16, String) {
     ws.get_mut().set_read_timeout(Some(within)).unwrap();
     loop {
         match ws.read() {
-            Ok(tungstenite::Message::Close(Some(c))) => {
-                return (c.code.into(), c.reason.to_string())
-            }
+            Ok(tungstenite::Message::Close(Some(c))) => return (c.code.into(), c.reason.to_string()),
             Ok(tungstenite::Message::Close(None)) => return (1005, String::new()),
             Ok(_) => {}
             Err(e) => panic!("no close frame: {e}"),
@@ -339,11 +259,7 @@ pub fn ws_wait_close(
 
 /// A port nothing listens on.
 pub fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -13,7 +14,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 
 use super::dataplane::Cmd;
@@ -25,27 +26,51 @@ use crate::ws::CloseCode;
 
 type Resp = Response<Full<Bytes>>;
 
-/// Accepts connections on this worker's copy of the listener and serves each with hyper.
+/// Accepts connections on this worker's copy of the listener and serves each with hyper, until
+/// the relay starts shutting down.
 pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, worker: usize) {
+    let mut shutdown = relay.shutdown.subscribe();
+    let limits = &relay.config.limits;
+    let (handshake_timeout, max_header) = (Duration::from_secs(limits.handshake_timeout_secs), limits.max_header_bytes);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(worker, "accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(worker, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        };
+        // Bound the connections still in their HTTP phase; beyond that, close at once.
+        let Ok(permit) = relay.handshakes.clone().try_acquire_owned() else {
+            relay.metrics.handshake_failed(HandshakeFailure::Limit);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let relay = relay.clone();
         tokio::task::spawn_local(async move {
-            let svc = service_fn(move |req| {
+            let _permit = permit;
+            let svc = service_fn(|req| {
                 let relay = relay.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, relay, peer).await) }
+                async move {
+                    let resp = route(req, relay.clone(), peer).await;
+                    if resp.status() == StatusCode::UNAUTHORIZED {
+                        // Repeated failures from one address are slowed down.
+                        if let Some(delay) = relay.auth_failed(peer.ip()) {
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let _ = http1::Builder::new()
-                .max_buf_size(64 << 10)
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .max_buf_size(max_header)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades()
                 .await;
@@ -63,12 +88,7 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Resp {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Resp {
-    json(
-        status,
-        &ApiError {
-            error: message.into(),
-        },
-    )
+    json(status, &ApiError { error: message.into() })
 }
 
 fn refused(relay: &Relay, r: Refusal) -> Resp {
@@ -79,34 +99,23 @@ fn refused(relay: &Relay, r: Refusal) -> Resp {
 }
 
 fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    req.headers()
-        .get(AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    req.headers().get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
 fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
-    req.uri()
-        .query()?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["healthz"] | ["api", "v1", "healthz"]) => {
-            Response::new(Full::new(Bytes::from_static(b"ok\n")))
-        }
+        (&Method::GET, ["healthz"] | ["api", "v1", "healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         (&Method::GET, ["metrics"] | ["api", "v1", "metrics"]) => {
             let (sessions, agents) = relay.counts();
             Response::builder()
                 .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-                .body(Full::new(Bytes::from(
-                    relay.metrics.render(sessions, agents),
-                )))
+                .body(Full::new(Bytes::from(relay.metrics.render(sessions, agents))))
                 .expect("static response parts")
         }
         (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay).await,
@@ -123,43 +132,30 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
             device_upgrade(req, relay, id).await
         }
         (_, ["api", "v1", ..]) => {
-            operator_api(req, relay, segments.iter().map(|s| s.to_string()).collect()).await
+            operator_api(req, relay, peer, segments.iter().map(|s| s.to_string()).collect()).await
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
 
-async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, segments: Vec<String>) -> Resp {
-    let Some(operator) = bearer(&req)
-        .and_then(|t| relay.config.operator(t))
-        .map(|o| o.name.clone())
-    else {
+async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr, segments: Vec<String>) -> Resp {
+    let Some(operator) = bearer(&req).and_then(|t| relay.config.operator(t)).map(|o| o.name.clone()) else {
         relay.metrics.handshake_failed(HandshakeFailure::BadToken);
         return error(StatusCode::UNAUTHORIZED, "invalid credentials");
     };
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     match (req.method().clone(), &segs[2..]) {
         (Method::POST, ["sessions"]) => {
-            let host = req
-                .headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost")
-                .to_string();
+            let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
             let body = match Limited::new(req.into_body(), 64 << 10).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB"),
             };
             let start: StartSession = match serde_json::from_slice(&body) {
                 Ok(s) => s,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("invalid session request: {e}"),
-                    )
-                }
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid session request: {e}")),
             };
-            match relay.start_session(&operator, start, &host) {
+            match relay.start_session(&operator, &peer.to_string(), start, &host) {
                 Ok(started) => {
                     tracing::info!(operator, session = started.id, "session started");
                     json(StatusCode::CREATED, &started)
@@ -173,15 +169,8 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, segments: Vec<S
             None => error(StatusCode::NOT_FOUND, "no such session"),
         },
         (Method::DELETE, ["sessions", id]) => {
-            if relay.close_session(
-                id,
-                CloseCode::SESSION_CLOSED,
-                &format!("session closed by operator {operator}"),
-            ) {
-                Response::builder()
-                    .status(StatusCode::NO_CONTENT)
-                    .body(Full::default())
-                    .expect("static response parts")
+            if relay.close_session(id, CloseCode::SESSION_CLOSED, &format!("session closed by operator {operator}")) {
+                Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).expect("static response parts")
             } else {
                 error(StatusCode::NOT_FOUND, "no such session")
             }
@@ -200,22 +189,14 @@ fn upgrade(
     req: &mut Request<Incoming>,
 ) -> Result<(Resp, fastwebsockets::upgrade::UpgradeFut), Box<Resp>> {
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
-        relay
-            .metrics
-            .handshake_failed(HandshakeFailure::NotWebSocket);
-        return Err(Box::new(error(
-            StatusCode::UPGRADE_REQUIRED,
-            "this endpoint takes a WebSocket upgrade",
-        )));
+        relay.metrics.handshake_failed(HandshakeFailure::NotWebSocket);
+        return Err(Box::new(error(StatusCode::UPGRADE_REQUIRED, "this endpoint takes a WebSocket upgrade")));
     }
     match fastwebsockets::upgrade::upgrade(req) {
         Ok((resp, fut)) => Ok((resp.map(|_| Full::default()), fut)),
         Err(e) => {
             relay.metrics.handshake_failed(HandshakeFailure::Malformed);
-            Err(Box::new(error(
-                StatusCode::BAD_REQUEST,
-                format!("bad WebSocket handshake: {e}"),
-            )))
+            Err(Box::new(error(StatusCode::BAD_REQUEST, format!("bad WebSocket handshake: {e}"))))
         }
     }
 }
@@ -256,7 +237,7 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
     };
     tokio::task::spawn_local(async move {
         if let Ok(ws) = fut.await {
-            channels::session_control(ws, ready, rx).await;
+            channels::session_control(ws, relay.config.limits.max_control_message_bytes, ready, rx).await;
         }
         relay.detach_control(&session, attachment);
     });
@@ -264,9 +245,7 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
 }
 
 /// The socket under an upgraded connection, and what hyper had read past the request.
-async fn take_socket(
-    fut: fastwebsockets::upgrade::UpgradeFut,
-) -> Option<(std::net::TcpStream, Bytes)> {
+async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(std::net::TcpStream, Bytes)> {
     let ws = fut.await.ok()?;
     let upgraded = ws.into_inner().into_inner();
     let parts = upgraded.downcast::<TokioIo<tokio::net::TcpStream>>().ok()?;
@@ -274,14 +253,9 @@ async fn take_socket(
     Some((stream, parts.read_buf))
 }
 
-async fn client_upgrade(
-    mut req: Request<Incoming>,
-    relay: Arc<Relay>,
-    session: String,
-    peer: SocketAddr,
-) -> Resp {
+async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Resp {
     let token = bearer(&req).unwrap_or("").to_string();
-    let conn: ClientConn = match relay.client_conn(&session, &token) {
+    let conn: ClientConn = match relay.client_conn(&session, &token, peer) {
         Ok(c) => c,
         Err(r) => return refused(&relay, r),
     };
@@ -300,12 +274,7 @@ async fn client_upgrade(
         tracing::debug!(session = %conn.session, conn = conn.conn, %peer, "client connection");
         relay.send_to_worker(
             conn.worker,
-            Cmd::Client {
-                conn: conn.conn,
-                session: conn.session.clone(),
-                stream,
-                leftover,
-            },
+            Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover },
         );
         relay.announce_conn(&conn);
     });
@@ -328,14 +297,7 @@ async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
     };
     tokio::task::spawn_local(async move {
         if let Some((stream, leftover)) = take_socket(fut).await {
-            relay.send_to_worker(
-                worker,
-                Cmd::Device {
-                    conn,
-                    stream,
-                    leftover,
-                },
-            );
+            relay.send_to_worker(worker, Cmd::Device { conn, stream, leftover });
         }
     });
     resp

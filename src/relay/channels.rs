@@ -11,31 +11,23 @@ use crate::peer::{self, Incoming, Outgoing, Ws};
 use crate::proto::{FromAgent, SessionEvent, ToAgent};
 use crate::ws::CloseCode;
 
-/// Largest JSON message accepted on a control channel.
-const MAX_CONTROL_MESSAGE: usize = 64 << 10;
 /// Keepalive: a ping this often; a channel silent for three periods is dead.
 const PING_EVERY: Duration = Duration::from_secs(10);
 
 /// Serves one agent's control connection until it closes or breaks.
 pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
-    let mut ch = peer::channel(ws, MAX_CONTROL_MESSAGE);
+    let mut ch = peer::channel(ws, relay.config.limits.max_control_message_bytes);
     // The first message must be the agent's hello, naming its services.
     let services = match tokio::time::timeout(Duration::from_secs(10), ch.rx.recv()).await {
         Ok(Some(Incoming::Text(t))) => match serde_json::from_str::<FromAgent>(&t) {
             Ok(FromAgent::Hello { services, .. }) => services,
             _ => {
-                let _ = ch.tx.send(Outgoing::Close(
-                    CloseCode::PROTOCOL_ERROR.0,
-                    "expected a hello message".into(),
-                ));
+                let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, "expected a hello message".into()));
                 return;
             }
         },
         _ => {
-            let _ = ch.tx.send(Outgoing::Close(
-                CloseCode::PROTOCOL_ERROR.0,
-                "expected a hello message".into(),
-            ));
+            let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, "expected a hello message".into()));
             return;
         }
     };
@@ -86,14 +78,13 @@ pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
 /// Serves a client's session control connection: pushes session events until it ends.
 pub async fn session_control(
     ws: Ws,
+    max_message: usize,
     ready: SessionEvent,
     mut events: mpsc::UnboundedReceiver<SessionEvent>,
 ) {
-    let mut ch = peer::channel(ws, MAX_CONTROL_MESSAGE);
+    let mut ch = peer::channel(ws, max_message);
     let send = |ch: &peer::Channel, e: &SessionEvent| {
-        let _ = ch.tx.send(Outgoing::Text(
-            serde_json::to_string(e).expect("events serialize"),
-        ));
+        let _ = ch.tx.send(Outgoing::Text(serde_json::to_string(e).expect("events serialize")));
     };
     send(&ch, &ready);
     let mut ping = tokio::time::interval(PING_EVERY);

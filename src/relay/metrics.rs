@@ -62,30 +62,10 @@ impl Metrics {
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP ringway_{name} {help}\n# TYPE ringway_{name} {kind}\nringway_{name} {value}");
         };
-        metric(
-            "sessions_active",
-            "gauge",
-            "Sessions currently open.",
-            sessions_active as u64,
-        );
-        metric(
-            "sessions_started_total",
-            "counter",
-            "Sessions started.",
-            self.sessions_started.load(Relaxed),
-        );
-        metric(
-            "sessions_ended_total",
-            "counter",
-            "Sessions ended for any reason.",
-            self.sessions_ended.load(Relaxed),
-        );
-        metric(
-            "agents_connected",
-            "gauge",
-            "Device agents with a live control connection.",
-            agents_connected as u64,
-        );
+        metric("sessions_active", "gauge", "Sessions currently open.", sessions_active as u64);
+        metric("sessions_started_total", "counter", "Sessions started.", self.sessions_started.load(Relaxed));
+        metric("sessions_ended_total", "counter", "Sessions ended for any reason.", self.sessions_ended.load(Relaxed));
+        metric("agents_connected", "gauge", "Device agents with a live control connection.", agents_connected as u64);
         metric(
             "connections_opened_total",
             "counter",
@@ -98,12 +78,7 @@ impl Metrics {
             "Client data connections ended.",
             self.connections_closed.load(Relaxed),
         );
-        metric(
-            "tunnels_active",
-            "gauge",
-            "Paired connections forwarding now.",
-            self.tunnels_active.load(Relaxed),
-        );
+        metric("tunnels_active", "gauge", "Paired connections forwarding now.", self.tunnels_active.load(Relaxed));
         metric(
             "bytes_to_device_total",
             "counter",
@@ -128,24 +103,12 @@ impl Metrics {
             "Data-plane buffers holding bytes in flight.",
             self.buffers_in_use.load(Relaxed),
         );
-        metric(
-            "buffers_total",
-            "gauge",
-            "Data-plane buffers in all workers' pools.",
-            self.buffers_total.load(Relaxed),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP ringway_handshake_failures_total Refused handshakes by reason."
-        );
+        metric("buffers_total", "gauge", "Data-plane buffers in all workers' pools.", self.buffers_total.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringway_handshake_failures_total Refused handshakes by reason.");
         let _ = writeln!(out, "# TYPE ringway_handshake_failures_total counter");
         for why in HandshakeFailure::ALL {
             let v = self.handshake_failures[why as usize].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "ringway_handshake_failures_total{{reason=\"{}\"}} {v}",
-                why.label()
-            );
+            let _ = writeln!(out, "ringway_handshake_failures_total{{reason=\"{}\"}} {v}", why.label());
         }
         out
     }

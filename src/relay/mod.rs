@@ -6,9 +6,11 @@
 //! - `channels`: the agent and session JSON control channels.
 //! - `state`: sessions, agents, tokens — the shared tables.
 //! - `metrics`: counters and gauges, Prometheus text.
+//! - `audit`: the JSON-lines audit log.
 //! - `dataplane`: workers, tunnel tables, buffer pools, forwarding (io_uring or epoll).
 
 mod api;
+mod audit;
 mod channels;
 pub mod dataplane;
 pub mod metrics;
@@ -16,7 +18,7 @@ pub mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::mpsc;
@@ -30,17 +32,27 @@ pub struct Running {
     pub addr: SocketAddr,
     pub backend: BackendKind,
     pub relay: Arc<Relay>,
-    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Running {
-    /// Blocks until a worker thread ends (they run until the process exits or one fails).
-    pub fn wait(self) -> anyhow::Result<()> {
-        for t in self.threads {
-            t.join()
-                .map_err(|_| anyhow::anyhow!("a relay worker panicked"))??;
+    /// Graceful shutdown: stop accepting and refuse new sessions, let tunnels finish for up to
+    /// `limits.drain_timeout_secs`, then close what is left with 1001 and give the close frames
+    /// a moment to go out.
+    pub fn shutdown(&self) {
+        let relay = &self.relay;
+        relay.shutdown.send_replace(true);
+        let active = || relay.metrics.tunnels_active.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(tunnels = active(), "shutting down: draining tunnels");
+        let drain_until = Instant::now() + Duration::from_secs(relay.config.limits.drain_timeout_secs);
+        while active() > 0 && Instant::now() < drain_until {
+            std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(())
+        relay.close_all("relay shutting down");
+        let close_until = Instant::now() + Duration::from_secs(2);
+        while active() > 0 && Instant::now() < close_until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::info!(tunnels = active(), "relay stopped");
     }
 }
 
@@ -48,8 +60,7 @@ impl Running {
 pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind> {
     match forced {
         Some(BackendKind::Uring) => {
-            dataplane::probe()
-                .context("--backend uring: this process cannot create an io_uring")?;
+            dataplane::probe().context("--backend uring: this process cannot create an io_uring")?;
             Ok(BackendKind::Uring)
         }
         Some(BackendKind::Epoll) => Ok(BackendKind::Epoll),
@@ -65,46 +76,35 @@ pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind
 
 /// Binds `listen` and starts the workers. Refuses an address another process already serves
 /// (no `SO_REUSEPORT`: a second relay must not silently take half the connections).
-pub fn start(
-    config: Config,
-    listen: SocketAddr,
-    backend: Option<BackendKind>,
-) -> anyhow::Result<Running> {
+pub fn start(config: Config, listen: SocketAddr, backend: Option<BackendKind>) -> anyhow::Result<Running> {
     let backend = choose_backend(backend)?;
-    let listener =
-        std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let workers = match config.dataplane.workers {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
     };
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-    let relay = Arc::new(Relay::new(config, txs));
-    let mut threads = Vec::new();
+    let audit = audit::Audit::open(config.audit_log.as_deref())?;
+    let relay = Arc::new(Relay::new(config, audit, txs));
+
     for (index, rx) in rxs.into_iter().enumerate() {
         let listener = listener.try_clone()?;
         let relay = relay.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("ringway-worker-{index}"))
-                .spawn(move || dataplane::run_worker(backend, index, listener, rx, relay))?,
-        );
+        std::thread::Builder::new().name(format!("ringway-worker-{index}")).spawn(move || {
+            // A relay with a dead worker would strand every connection assigned to it.
+            if let Err(e) = dataplane::run_worker(backend, index, listener, rx, relay) {
+                tracing::error!(worker = index, "worker failed: {e:#}");
+                std::process::exit(1);
+            }
+        })?;
     }
     let reaper = relay.clone();
-    std::thread::Builder::new()
-        .name("ringway-reaper".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(250));
-            reaper.reap();
-        })?;
+    std::thread::Builder::new().name("ringway-reaper".into()).spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(250));
+        reaper.reap();
+    })?;
     tracing::info!(%addr, %backend, workers, "relay started");
-    Ok(Running {
-        addr,
-        backend,
-        relay,
-        threads,
-    })
+    Ok(Running { addr, backend, relay })
 }

@@ -2,19 +2,19 @@
 //! at session start/stop, handshakes and connection ends — never per frame.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, Semaphore};
 
+use super::audit::{Audit, Record};
 use super::dataplane::Cmd;
 use super::metrics::{HandshakeFailure, Metrics};
 use crate::config::{Config, Secret};
-use crate::proto::{
-    unix_now, DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession, ToAgent,
-};
+use crate::proto::{unix_now, DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession, ToAgent};
 use crate::ws::CloseCode;
 
 /// A refusal: the HTTP status, a message for the caller, and the counter it bumps.
@@ -26,32 +26,17 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(
-        status: StatusCode,
-        message: impl Into<String>,
-        why: Option<HandshakeFailure>,
-    ) -> Refusal {
-        Refusal {
-            status,
-            message: message.into(),
-            why,
-        }
+    fn new(status: StatusCode, message: impl Into<String>, why: Option<HandshakeFailure>) -> Refusal {
+        Refusal { status, message: message.into(), why }
     }
 
     fn bad_token() -> Refusal {
-        Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid credentials",
-            Some(HandshakeFailure::BadToken),
-        )
+        Refusal::new(StatusCode::UNAUTHORIZED, "invalid credentials", Some(HandshakeFailure::BadToken))
     }
 
+    /// An unknown session looks exactly like a wrong token: no hint which part was wrong.
     fn no_session() -> Refusal {
-        Refusal::new(
-            StatusCode::NOT_FOUND,
-            "no such session",
-            Some(HandshakeFailure::UnknownSession),
-        )
+        Refusal::new(StatusCode::UNAUTHORIZED, "invalid credentials", Some(HandshakeFailure::UnknownSession))
     }
 }
 
@@ -65,10 +50,7 @@ pub struct ConnEnd {
 
 impl ConnEnd {
     pub fn failed(reason: String) -> ConnEnd {
-        ConnEnd {
-            reason,
-            ..ConnEnd::default()
-        }
+        ConnEnd { reason, ..ConnEnd::default() }
     }
 }
 
@@ -82,14 +64,23 @@ struct Session {
     expires: Instant,
     client_token: Secret,
     device_token: Secret,
-    /// Live data connections and the worker that owns each.
-    conns: HashMap<u64, usize>,
+    started: Instant,
+    /// Live data connections.
+    conns: HashMap<u64, ConnMeta>,
     /// The client's session control connection, if attached: (attachment id, event sender).
     control: Option<(u64, mpsc::UnboundedSender<SessionEvent>)>,
     /// When the control connection dropped; the session ends a grace period later.
     control_lost: Option<Instant>,
     bytes_to_device: u64,
     bytes_to_client: u64,
+}
+
+/// A live data connection as the session table knows it.
+struct ConnMeta {
+    /// The worker that owns both of its sockets.
+    worker: usize,
+    client_addr: String,
+    opened: Instant,
 }
 
 struct Agent {
@@ -110,8 +101,15 @@ struct Tables {
 pub struct Relay {
     pub config: Config,
     pub metrics: Metrics,
+    pub audit: Audit,
+    /// Connections in their HTTP phase (relay-wide), bounded by `limits.max_handshakes`.
+    pub handshakes: Arc<Semaphore>,
+    /// Flips to true on SIGTERM: accept loops stop, new sessions are refused.
+    pub shutdown: watch::Sender<bool>,
     workers: Vec<mpsc::UnboundedSender<Cmd>>,
     tables: Mutex<Tables>,
+    /// Recent failed logins per address: (count, start of the window).
+    auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     next_id: AtomicU64,
 }
 
@@ -123,14 +121,40 @@ pub struct ClientConn {
 }
 
 impl Relay {
-    pub fn new(config: Config, workers: Vec<mpsc::UnboundedSender<Cmd>>) -> Relay {
+    pub fn new(config: Config, audit: Audit, workers: Vec<mpsc::UnboundedSender<Cmd>>) -> Relay {
+        let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
         Relay {
             config,
             metrics: Metrics::default(),
+            audit,
+            handshakes,
+            shutdown: watch::Sender::new(false),
             workers,
             tables: Mutex::default(),
+            auth_failures: Mutex::default(),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Records a failed login from `ip`; returns how long to hold the answer back.
+    pub fn auth_failed(&self, ip: IpAddr) -> Option<Duration> {
+        const WINDOW: Duration = Duration::from_secs(60);
+        const FREE: u32 = 5;
+        let mut failures = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if failures.len() > 100_000 {
+            failures.retain(|_, (_, since)| now.duration_since(*since) < WINDOW);
+        }
+        let entry = failures.entry(ip).or_insert((0, now));
+        if now.duration_since(entry.1) >= WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+        (entry.0 > FREE).then(|| Duration::from_millis(self.config.limits.auth_failure_delay_ms))
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
@@ -148,16 +172,16 @@ impl Relay {
     pub fn start_session(
         &self,
         operator: &str,
+        operator_addr: &str,
         req: StartSession,
         host: &str,
     ) -> Result<SessionStarted, Refusal> {
         let limits = &self.config.limits;
+        if self.shutting_down() {
+            return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down", None));
+        }
         if self.config.device(&req.device).is_none() {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                format!("unknown device {:?}", req.device),
-                None,
-            ));
+            return Err(Refusal::new(StatusCode::NOT_FOUND, format!("unknown device {:?}", req.device), None));
         }
         let ttl = req.ttl_secs.unwrap_or(limits.session_ttl_secs);
         if ttl == 0 || ttl > limits.max_session_ttl_secs {
@@ -183,13 +207,17 @@ impl Relay {
             }
         }
         if t.sessions.len() >= limits.max_sessions {
-            return Err(Refusal::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "the relay's session limit is reached",
-                None,
-            ));
+            return Err(Refusal::new(StatusCode::TOO_MANY_REQUESTS, "the relay's session limit is reached", None));
         }
         let id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
+        self.audit.write(Record::SessionStart {
+            session: &id,
+            operator,
+            operator_addr,
+            device: &req.device,
+            service: &req.service,
+            expires_at: unix_now() + ttl,
+        });
         let client_token = Secret::random();
         let now = unix_now();
         let started = SessionStarted {
@@ -208,6 +236,7 @@ impl Relay {
                 created_at: now,
                 expires_at: now + ttl,
                 expires: Instant::now() + Duration::from_secs(ttl),
+                started: Instant::now(),
                 client_token,
                 device_token: Secret::random(),
                 conns: HashMap::new(),
@@ -279,32 +308,30 @@ impl Relay {
         };
         self.metrics.sessions_ended.fetch_add(1, Relaxed);
         tracing::info!(session = %s.id, device = %s.device, service = %s.service, code = code.0, reason, "session ended");
+        self.audit.write(Record::SessionEnd {
+            session: &s.id,
+            operator: &s.operator,
+            device: &s.device,
+            service: &s.service,
+            code: code.0,
+            reason,
+            duration_secs: s.started.elapsed().as_secs(),
+            bytes_to_device: s.bytes_to_device,
+            bytes_to_client: s.bytes_to_client,
+        });
         if let Some((_, tx)) = &s.control {
-            let _ = tx.send(SessionEvent::Closing {
-                code: code.0,
-                reason: reason.to_string(),
-            });
+            let _ = tx.send(SessionEvent::Closing { code: code.0, reason: reason.to_string() });
         }
-        for (&conn, &worker) in &s.conns {
-            self.send_to_worker(
-                worker,
-                Cmd::Close {
-                    conn,
-                    code,
-                    reason: reason.to_string(),
-                },
-            );
+        for (&conn, meta) in &s.conns {
+            self.send_to_worker(meta.worker, Cmd::Close { conn, code, reason: reason.to_string() });
         }
         true
     }
 
     /// Admits a client data connection for `session` presenting `token`.
-    pub fn client_conn(&self, session: &str, token: &str) -> Result<ClientConn, Refusal> {
+    pub fn client_conn(&self, session: &str, token: &str, client_addr: SocketAddr) -> Result<ClientConn, Refusal> {
         let mut t = self.tables();
-        let s = t
-            .sessions
-            .get_mut(session)
-            .ok_or_else(Refusal::no_session)?;
+        let s = t.sessions.get_mut(session).ok_or_else(Refusal::no_session)?;
         if !s.client_token.matches(token) {
             return Err(Refusal::bad_token());
         }
@@ -317,13 +344,9 @@ impl Relay {
         }
         let conn = self.next_id();
         let worker = (conn as usize) % self.workers.len();
-        s.conns.insert(conn, worker);
+        s.conns.insert(conn, ConnMeta { worker, client_addr: client_addr.to_string(), opened: Instant::now() });
         self.metrics.connections_opened.fetch_add(1, Relaxed);
-        Ok(ClientConn {
-            conn,
-            worker,
-            session: s.id.clone(),
-        })
+        Ok(ClientConn { conn, worker, session: s.id.clone() })
     }
 
     /// After the client side of `conn` reached its worker: ask the device's agent to dial in,
@@ -339,20 +362,10 @@ impl Relay {
             service: s.service.clone(),
             token: s.device_token.expose().to_string(),
         };
-        let sent = t
-            .agents
-            .get(&s.device)
-            .is_some_and(|a| a.tx.send(msg).is_ok());
+        let sent = t.agents.get(&s.device).is_some_and(|a| a.tx.send(msg).is_ok());
         if !sent {
             let reason = format!("device {} is offline", s.device);
-            self.send_to_worker(
-                c.worker,
-                Cmd::Close {
-                    conn: c.conn,
-                    code: CloseCode::DEVICE_OFFLINE,
-                    reason,
-                },
-            );
+            self.send_to_worker(c.worker, Cmd::Close { conn: c.conn, code: CloseCode::DEVICE_OFFLINE, reason });
         }
     }
 
@@ -363,12 +376,8 @@ impl Relay {
         if !s.device_token.matches(token) {
             return Err(Refusal::bad_token());
         }
-        s.conns.get(&conn).copied().ok_or_else(|| {
-            Refusal::new(
-                StatusCode::NOT_FOUND,
-                "no such connection in this session",
-                Some(HandshakeFailure::UnknownSession),
-            )
+        s.conns.get(&conn).map(|m| m.worker).ok_or_else(|| {
+            Refusal::new(StatusCode::UNAUTHORIZED, "invalid credentials", Some(HandshakeFailure::UnknownSession))
         })
     }
 
@@ -376,7 +385,20 @@ impl Relay {
         self.metrics.connections_closed.fetch_add(1, Relaxed);
         let mut t = self.tables();
         if let Some(s) = t.sessions.get_mut(session) {
-            s.conns.remove(&conn);
+            if let Some(meta) = s.conns.remove(&conn) {
+                self.audit.write(Record::ConnectionEnd {
+                    session,
+                    conn,
+                    operator: &s.operator,
+                    device: &s.device,
+                    service: &s.service,
+                    client_addr: &meta.client_addr,
+                    bytes_to_device: end.to_device,
+                    bytes_to_client: end.to_client,
+                    duration_ms: meta.opened.elapsed().as_millis() as u64,
+                    reason: &end.reason,
+                });
+            }
             s.bytes_to_device += end.to_device;
             s.bytes_to_client += end.to_client;
         }
@@ -389,19 +411,9 @@ impl Relay {
         let Some(s) = t.sessions.get(session).filter(|s| s.device == device) else {
             return;
         };
-        if let Some(&worker) = s.conns.get(&conn) {
-            let reason = format!(
-                "device {device} could not reach service {}: {reason}",
-                s.service
-            );
-            self.send_to_worker(
-                worker,
-                Cmd::Close {
-                    conn,
-                    code: CloseCode::SERVICE_UNREACHABLE,
-                    reason,
-                },
-            );
+        if let Some(worker) = s.conns.get(&conn).map(|m| m.worker) {
+            let reason = format!("device {device} could not reach service {}: {reason}", s.service);
+            self.send_to_worker(worker, Cmd::Close { conn, code: CloseCode::SERVICE_UNREACHABLE, reason });
         }
     }
 
@@ -414,23 +426,10 @@ impl Relay {
     }
 
     /// An agent's control connection came up; a previous one for the same device is replaced.
-    pub fn agent_up(
-        &self,
-        device: &str,
-        services: Vec<String>,
-        tx: mpsc::UnboundedSender<ToAgent>,
-    ) -> u64 {
+    pub fn agent_up(&self, device: &str, services: Vec<String>, tx: mpsc::UnboundedSender<ToAgent>) -> u64 {
         let generation = self.next_id();
         let mut t = self.tables();
-        t.agents.insert(
-            device.to_string(),
-            Agent {
-                tx,
-                services,
-                since: unix_now(),
-                generation,
-            },
-        );
+        t.agents.insert(device.to_string(), Agent { tx, services, since: unix_now(), generation });
         for s in t.sessions.values().filter(|s| s.device == device) {
             if let Some((_, tx)) = &s.control {
                 let _ = tx.send(SessionEvent::DeviceOnline);
@@ -443,10 +442,7 @@ impl Relay {
     /// An agent's control connection went away: its device's connections end with 4004.
     pub fn agent_down(&self, device: &str, generation: u64) {
         let mut t = self.tables();
-        if t.agents
-            .get(device)
-            .is_none_or(|a| a.generation != generation)
-        {
+        if t.agents.get(device).is_none_or(|a| a.generation != generation) {
             return;
         }
         t.agents.remove(device);
@@ -456,14 +452,10 @@ impl Relay {
             if let Some((_, tx)) = &s.control {
                 let _ = tx.send(SessionEvent::DeviceOffline);
             }
-            for (&conn, &worker) in &s.conns {
+            for (&conn, meta) in &s.conns {
                 self.send_to_worker(
-                    worker,
-                    Cmd::Close {
-                        conn,
-                        code: CloseCode::DEVICE_OFFLINE,
-                        reason: reason.clone(),
-                    },
+                    meta.worker,
+                    Cmd::Close { conn, code: CloseCode::DEVICE_OFFLINE, reason: reason.clone() },
                 );
             }
         }
@@ -487,10 +479,8 @@ impl Relay {
         };
         let s = t.sessions.get_mut(session).expect("checked above");
         if let Some((_, old)) = s.control.replace((id, tx)) {
-            let _ = old.send(SessionEvent::Closing {
-                code: 1000,
-                reason: "replaced by a newer control connection".into(),
-            });
+            let _ =
+                old.send(SessionEvent::Closing { code: 1000, reason: "replaced by a newer control connection".into() });
         }
         s.control_lost = None;
         let ready = SessionEvent::Ready {
@@ -513,6 +503,14 @@ impl Relay {
         }
     }
 
+    /// Ends every session (graceful shutdown, after the drain period): 1001 on every connection.
+    pub fn close_all(&self, reason: &str) {
+        let ids: Vec<Arc<str>> = self.tables().sessions.keys().cloned().collect();
+        for id in ids {
+            self.close_session(&id, CloseCode::GOING_AWAY, reason);
+        }
+    }
+
     /// Ends sessions whose time is up, or whose client vanished longer than the grace period.
     pub fn reap(&self) {
         let now = Instant::now();
@@ -520,17 +518,10 @@ impl Relay {
         let (expired, abandoned): (Vec<_>, Vec<_>) = {
             let t = self.tables();
             (
+                t.sessions.values().filter(|s| s.expires <= now).map(|s| s.id.clone()).collect(),
                 t.sessions
                     .values()
-                    .filter(|s| s.expires <= now)
-                    .map(|s| s.id.clone())
-                    .collect(),
-                t.sessions
-                    .values()
-                    .filter(|s| {
-                        s.control_lost
-                            .is_some_and(|at| now.duration_since(at) >= grace)
-                    })
+                    .filter(|s| s.control_lost.is_some_and(|at| now.duration_since(at) >= grace))
                     .map(|s| s.id.clone())
                     .collect(),
             )

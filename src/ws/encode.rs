@@ -7,13 +7,7 @@ use super::unmask::unmask;
 use super::{OpCode, MAX_CONTROL_PAYLOAD};
 
 /// Writes a frame header into `out` and returns its length (2 to 14 bytes).
-pub fn header(
-    out: &mut [u8; MAX_HEADER],
-    fin: bool,
-    opcode: OpCode,
-    len: u64,
-    mask: Option<[u8; 4]>,
-) -> usize {
+pub fn header(out: &mut [u8; MAX_HEADER], fin: bool, opcode: OpCode, len: u64, mask: Option<[u8; 4]>) -> usize {
     out[0] = ((fin as u8) << 7) | opcode as u8;
     let mut n = if len < 126 {
         out[1] = len as u8;
@@ -64,10 +58,7 @@ impl ControlFrame {
         }
         bytes[0] = 0x80 | opcode as u8;
         bytes[1] = (len - 2) as u8;
-        ControlFrame {
-            bytes,
-            len: len as u8,
-        }
+        ControlFrame { bytes, len: len as u8 }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -82,27 +73,18 @@ pub fn close(code: CloseCode, reason: &str) -> ControlFrame {
     while !reason.is_char_boundary(cut) {
         cut -= 1;
     }
-    ControlFrame::new(
-        OpCode::Close,
-        &[&code.0.to_be_bytes(), &reason.as_bytes()[..cut]],
-    )
+    ControlFrame::new(OpCode::Close, &[&code.0.to_be_bytes(), &reason.as_bytes()[..cut]])
 }
 
 /// An unmasked Pong answering a Ping's payload (a valid Ping's payload always fits; anything
 /// longer is cut to 125 bytes).
 pub fn pong(payload: &[u8]) -> ControlFrame {
-    ControlFrame::new(
-        OpCode::Pong,
-        &[&payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]],
-    )
+    ControlFrame::new(OpCode::Pong, &[&payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]])
 }
 
 /// An unmasked Ping, e.g. a keepalive probe.
 pub fn ping(payload: &[u8]) -> ControlFrame {
-    ControlFrame::new(
-        OpCode::Ping,
-        &[&payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]],
-    )
+    ControlFrame::new(OpCode::Ping, &[&payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]])
 }
 
 #[cfg(test)]
@@ -114,10 +96,7 @@ mod tests {
         let mut h = [0; MAX_HEADER];
         assert_eq!(header(&mut h, true, OpCode::Binary, 125, None), 2);
         assert_eq!(&h[..2], &[0x82, 125]);
-        assert_eq!(
-            header(&mut h, false, OpCode::Text, 126, Some([1, 2, 3, 4])),
-            8
-        );
+        assert_eq!(header(&mut h, false, OpCode::Text, 126, Some([1, 2, 3, 4])), 8);
         assert_eq!(&h[..8], &[0x01, 0xfe, 0, 126, 1, 2, 3, 4]);
         assert_eq!(header(&mut h, true, OpCode::Binary, 65_536, None), 10);
         assert_eq!(&h[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]);

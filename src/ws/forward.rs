@@ -156,10 +156,7 @@ impl Forwarder {
         );
         let start = data.start - carried;
         if let Some(error) = self.failed {
-            return Err(ForwardError {
-                error,
-                out: start..start,
-            });
+            return Err(ForwardError { error, out: start..start });
         }
         buf[start..data.start].copy_from_slice(&self.carry[..carried]);
         self.carry_len = 0;
@@ -214,10 +211,7 @@ impl Forwarder {
             Ok(()) => Ok(start..w),
             Err(error) => {
                 self.failed = Some(error);
-                Err(ForwardError {
-                    error,
-                    out: start..w,
-                })
+                Err(ForwardError { error, out: start..w })
             }
         }
     }
@@ -270,19 +264,10 @@ impl Forwarder {
             return Err(FrameError::LengthOverflow);
         }
         if len > self.max_frame {
-            return Err(FrameError::FrameTooLarge {
-                len,
-                max: self.max_frame,
-            });
+            return Err(FrameError::FrameTooLarge { len, max: self.max_frame });
         }
         let mask = b[size - 4..size].try_into().expect("4 bytes");
-        Ok(Some(Header {
-            opcode,
-            fin,
-            len,
-            size,
-            mask,
-        }))
+        Ok(Some(Header { opcode, fin, len, size, mask }))
     }
 
     fn start_frame(&mut self, h: Header, on_event: &mut impl FnMut(Event<'_>)) {
@@ -293,11 +278,7 @@ impl Forwarder {
         self.phase = 0;
         if !h.opcode.is_control() {
             self.fragmented = !h.fin;
-            on_event(Event::DataFrame {
-                opcode: h.opcode,
-                fin: h.fin,
-                len: h.len,
-            });
+            on_event(Event::DataFrame { opcode: h.opcode, fin: h.fin, len: h.len });
         }
     }
 
@@ -314,10 +295,7 @@ impl Forwarder {
             validate_close(payload)?;
             self.closed = true;
         }
-        on_event(Event::Control {
-            opcode: self.opcode,
-            payload,
-        });
+        on_event(Event::Control { opcode: self.opcode, payload });
         Ok(())
     }
 }
@@ -374,11 +352,7 @@ mod tests {
     /// Feeds `input` in reads of `read` bytes, each placed after HEADROOM like the data plane.
     fn run_split(max: u64, input: &[u8], read: usize) -> Run {
         let mut f = Forwarder::new(max);
-        let mut run = Run {
-            out: Vec::new(),
-            events: Vec::new(),
-            result: Ok(()),
-        };
+        let mut run = Run { out: Vec::new(), events: Vec::new(), result: Ok(()) };
         let mut buf = vec![0u8; HEADROOM + read];
         for chunk in input.chunks(read) {
             buf[HEADROOM..HEADROOM + chunk.len()].copy_from_slice(chunk);
@@ -414,18 +388,13 @@ mod tests {
         let r = run(&masked(true, OpCode::Binary, b"hello"));
         assert_eq!(r.result, Ok(()));
         assert_eq!(r.out, plain(true, OpCode::Binary, b"hello"));
-        assert_eq!(
-            r.events,
-            vec![Seen::Data(OpCode::Binary, true, 5), Seen::End]
-        );
+        assert_eq!(r.events, vec![Seen::Data(OpCode::Binary, true, 5), Seen::End]);
     }
 
     #[test]
     fn every_length_form_passes_in_every_read_size() {
-        let payloads: Vec<Vec<u8>> = [0, 1, 125, 126, 127, 65_535, 65_536, 100_000]
-            .iter()
-            .map(|&n| (0..n).map(|i| i as u8).collect())
-            .collect();
+        let payloads: Vec<Vec<u8>> =
+            [0, 1, 125, 126, 127, 65_535, 65_536, 100_000].iter().map(|&n| (0..n).map(|i| i as u8).collect()).collect();
         let mut input = Vec::new();
         let mut want = Vec::new();
         for p in &payloads {
@@ -514,10 +483,7 @@ mod tests {
             assert_eq!(e, FrameError::ControlFrameTooLarge);
             assert_eq!(e.close_code().0, 1002);
         }
-        assert_eq!(
-            run(&masked(true, OpCode::Ping, &[b'a'; 125])).result,
-            Ok(())
-        );
+        assert_eq!(run(&masked(true, OpCode::Ping, &[b'a'; 125])).result, Ok(()));
     }
 
     #[test]
@@ -529,10 +495,7 @@ mod tests {
 
     #[test]
     fn a_continuation_without_a_message_is_a_protocol_error() {
-        assert_eq!(
-            error_of(&masked(true, OpCode::Continuation, b"x")),
-            FrameError::UnexpectedContinuation
-        );
+        assert_eq!(error_of(&masked(true, OpCode::Continuation, b"x")), FrameError::UnexpectedContinuation);
         let mut after_end = masked(true, OpCode::Binary, b"a");
         after_end.extend(masked(true, OpCode::Continuation, b"b"));
         assert_eq!(error_of(&after_end), FrameError::UnexpectedContinuation);
@@ -563,25 +526,9 @@ mod tests {
     fn a_frame_over_the_limit_is_too_big() {
         let input = masked(true, OpCode::Binary, &[0; 1001]);
         let r = run_split(1000, &input, input.len());
-        assert_eq!(
-            r.result,
-            Err(FrameError::FrameTooLarge {
-                len: 1001,
-                max: 1000
-            })
-        );
-        assert_eq!(
-            FrameError::FrameTooLarge {
-                len: 1001,
-                max: 1000
-            }
-            .close_code(),
-            CloseCode::MESSAGE_TOO_BIG
-        );
-        assert_eq!(
-            run_split(1000, &masked(true, OpCode::Binary, &[0; 1000]), 64).result,
-            Ok(())
-        );
+        assert_eq!(r.result, Err(FrameError::FrameTooLarge { len: 1001, max: 1000 }));
+        assert_eq!(FrameError::FrameTooLarge { len: 1001, max: 1000 }.close_code(), CloseCode::MESSAGE_TOO_BIG);
+        assert_eq!(run_split(1000, &masked(true, OpCode::Binary, &[0; 1000]), 64).result, Ok(()));
     }
 
     #[test]
@@ -589,32 +536,19 @@ mod tests {
         let mut head = [0; MAX_HEADER];
         let n = encode::header(&mut head, true, OpCode::Binary, 1 << 40, Some(KEY));
         let r = run_split(1000, &head[..n], n);
-        assert_eq!(
-            r.result,
-            Err(FrameError::FrameTooLarge {
-                len: 1 << 40,
-                max: 1000
-            })
-        );
+        assert_eq!(r.result, Err(FrameError::FrameTooLarge { len: 1 << 40, max: 1000 }));
     }
 
     #[test]
     fn bad_close_payloads_are_rejected_with_their_codes() {
-        assert_eq!(
-            error_of(&masked(true, OpCode::Close, &[3])),
-            FrameError::CloseFrameTruncated
-        );
+        assert_eq!(error_of(&masked(true, OpCode::Close, &[3])), FrameError::CloseFrameTruncated);
         for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65_535] {
             let e = error_of(&masked(true, OpCode::Close, &code.to_be_bytes()));
             assert_eq!(e, FrameError::InvalidCloseCode(code));
             assert_eq!(e.close_code().0, 1002);
         }
         for code in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4001, 4999] {
-            assert_eq!(
-                run(&masked(true, OpCode::Close, &code.to_be_bytes())).result,
-                Ok(()),
-                "{code}"
-            );
+            assert_eq!(run(&masked(true, OpCode::Close, &code.to_be_bytes())).result, Ok(()), "{code}");
         }
         let e = error_of(&masked(true, OpCode::Close, &[0x03, 0xe8, 0xff, 0xfe]));
         assert_eq!(e, FrameError::InvalidCloseReason);
@@ -637,18 +571,11 @@ mod tests {
         let mut f = Forwarder::new(BIG);
         let mut buf = vec![0u8; HEADROOM + input.len()];
         buf[HEADROOM..].copy_from_slice(&input);
-        let e = f
-            .forward(&mut buf, HEADROOM..HEADROOM + input.len(), |_| {})
-            .unwrap_err();
+        let e = f.forward(&mut buf, HEADROOM..HEADROOM + input.len(), |_| {}).unwrap_err();
         assert_eq!(e.error, FrameError::Unmasked);
-        assert_eq!(
-            &buf[e.out.clone()],
-            &plain(true, OpCode::Binary, b"good")[..]
-        );
+        assert_eq!(&buf[e.out.clone()], &plain(true, OpCode::Binary, b"good")[..]);
         buf[HEADROOM..HEADROOM + 6].copy_from_slice(&masked(true, OpCode::Binary, b"")[..6]);
-        let again = f
-            .forward(&mut buf, HEADROOM..HEADROOM + 6, |_| {})
-            .unwrap_err();
+        let again = f.forward(&mut buf, HEADROOM..HEADROOM + 6, |_| {}).unwrap_err();
         assert_eq!(again.error, FrameError::Unmasked);
         assert!(again.out.is_empty());
     }
@@ -659,17 +586,13 @@ mod tests {
         let mut f = Forwarder::new(BIG);
         let mut buf = vec![0u8; HEADROOM + 100_000];
         buf[HEADROOM..HEADROOM + 11].copy_from_slice(&frame[..11]);
-        let out = f
-            .forward(&mut buf, HEADROOM..HEADROOM + 11, |_| {})
-            .unwrap();
+        let out = f.forward(&mut buf, HEADROOM..HEADROOM + 11, |_| {}).unwrap();
         assert!(out.is_empty());
         assert_eq!(f.carried(), 11);
         assert!(!f.at_frame_boundary());
         let rest = frame.len() - 11;
         buf[HEADROOM..HEADROOM + rest].copy_from_slice(&frame[11..]);
-        let out = f
-            .forward(&mut buf, HEADROOM..HEADROOM + rest, |_| {})
-            .unwrap();
+        let out = f.forward(&mut buf, HEADROOM..HEADROOM + rest, |_| {}).unwrap();
         assert_eq!(out.start, HEADROOM - 11);
         assert!(buf[out] == plain(true, OpCode::Binary, &[9; 70_000])[..]);
         assert!(f.at_frame_boundary());

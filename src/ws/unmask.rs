@@ -18,12 +18,7 @@
 #[inline]
 fn rotated(mask: [u8; 4], phase: usize) -> [u8; 4] {
     let p = phase & 3;
-    [
-        mask[p],
-        mask[(p + 1) & 3],
-        mask[(p + 2) & 3],
-        mask[(p + 3) & 3],
-    ]
+    [mask[p], mask[(p + 1) & 3], mask[(p + 2) & 3], mask[(p + 3) & 3]]
 }
 
 #[inline]
@@ -37,14 +32,7 @@ fn check(buf: &[u8], src: usize, dst: usize, len: usize) {
 
 /// Unmasks `buf[src..src + len]` into `buf[dst..dst + len]` with the fastest routine available.
 #[inline]
-pub fn unmask_move(
-    buf: &mut [u8],
-    src: usize,
-    dst: usize,
-    len: usize,
-    mask: [u8; 4],
-    phase: usize,
-) {
+pub fn unmask_move(buf: &mut [u8], src: usize, dst: usize, len: usize, mask: [u8; 4], phase: usize) {
     #[cfg(target_arch = "x86_64")]
     sse2(buf, src, dst, len, mask, phase);
     #[cfg(not(target_arch = "x86_64"))]
@@ -105,9 +93,7 @@ pub fn words(buf: &mut [u8], src: usize, dst: usize, len: usize, mask: [u8; 4], 
 /// x86_64 version on 16-byte SSE2 vectors, four at a time.
 #[cfg(target_arch = "x86_64")]
 pub fn sse2(buf: &mut [u8], src: usize, dst: usize, len: usize, mask: [u8; 4], phase: usize) {
-    use std::arch::x86_64::{
-        __m128i, _mm_loadu_si128, _mm_set1_epi32, _mm_storeu_si128, _mm_xor_si128,
-    };
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_set1_epi32, _mm_storeu_si128, _mm_xor_si128};
     check(buf, src, dst, len);
     let m = rotated(mask, phase);
     let base = buf.as_mut_ptr();

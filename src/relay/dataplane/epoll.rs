@@ -35,11 +35,7 @@ pub(crate) struct EpollPool {
 
 impl EpollPool {
     pub(crate) fn new(count: usize, size: usize) -> EpollPool {
-        EpollPool {
-            permits: Semaphore::new(count),
-            free: RefCell::new(Vec::new()),
-            size,
-        }
+        EpollPool { permits: Semaphore::new(count), free: RefCell::new(Vec::new()), size }
     }
 }
 
@@ -47,15 +43,8 @@ impl Pool for EpollPool {
     type Buf = Box<[u8]>;
 
     async fn acquire(&self) -> Box<[u8]> {
-        self.permits
-            .acquire()
-            .await
-            .expect("the pool's semaphore is never closed")
-            .forget();
-        self.free
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| vec![0; self.size].into_boxed_slice())
+        self.permits.acquire().await.expect("the pool's semaphore is never closed").forget();
+        self.free.borrow_mut().pop().unwrap_or_else(|| vec![0; self.size].into_boxed_slice())
     }
 
     fn release(&self, buf: Box<[u8]>) {

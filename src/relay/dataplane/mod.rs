@@ -55,24 +55,11 @@ pub fn probe() -> io::Result<()> {
 /// What the control plane hands a worker.
 pub enum Cmd {
     /// A client data connection upgraded; park it until its device side arrives.
-    Client {
-        conn: u64,
-        session: Arc<str>,
-        stream: std::net::TcpStream,
-        leftover: Bytes,
-    },
+    Client { conn: u64, session: Arc<str>, stream: std::net::TcpStream, leftover: Bytes },
     /// The device side of `conn` upgraded; pair it and start forwarding.
-    Device {
-        conn: u64,
-        stream: std::net::TcpStream,
-        leftover: Bytes,
-    },
+    Device { conn: u64, stream: std::net::TcpStream, leftover: Bytes },
     /// End `conn` with this close code on both sides.
-    Close {
-        conn: u64,
-        code: CloseCode,
-        reason: String,
-    },
+    Close { conn: u64, code: CloseCode, reason: String },
 }
 
 /// A backend: how sockets are adopted and buffers pooled.
@@ -98,9 +85,7 @@ pub fn run_worker(
             thread_main::<uring::Uring>(index, pool, listener, rx, relay).await
         }),
         BackendKind::Epoll => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let pool = Rc::new(epoll::EpollPool::new(dp.buffers, dp.buffer_size));
@@ -117,73 +102,37 @@ async fn thread_main<B: Backend>(
     rx: mpsc::UnboundedReceiver<Cmd>,
     relay: Arc<Relay>,
 ) -> anyhow::Result<()> {
-    relay
-        .metrics
-        .buffers_total
-        .fetch_add(relay.config.dataplane.buffers as u64, Relaxed);
+    relay.metrics.buffers_total.fetch_add(relay.config.dataplane.buffers as u64, Relaxed);
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    tokio::task::spawn_local(crate::relay::api::accept_loop(
-        listener,
-        relay.clone(),
-        index,
-    ));
+    tokio::task::spawn_local(crate::relay::api::accept_loop(listener, relay.clone(), index));
     worker_loop::<B>(pool, rx, relay).await;
     Ok(())
 }
 
-async fn worker_loop<B: Backend>(
-    pool: Rc<B::Pool>,
-    mut rx: mpsc::UnboundedReceiver<Cmd>,
-    relay: Arc<Relay>,
-) {
+async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedReceiver<Cmd>, relay: Arc<Relay>) {
     let table: Rc<RefCell<Table<B::Io>>> = Rc::new(RefCell::new(Table::new()));
     while let Some(cmd) = rx.recv().await {
         match cmd {
-            Cmd::Client {
-                conn,
-                session,
-                stream,
-                leftover,
-            } => {
+            Cmd::Client { conn, session, stream, leftover } => {
                 let client = match B::adopt(stream) {
                     Ok(io) => io,
                     Err(e) => {
-                        relay.conn_ended(
-                            &session,
-                            conn,
-                            ConnEnd::failed(format!("adopting client socket: {e}")),
-                        );
+                        relay.conn_ended(&session, conn, ConnEnd::failed(format!("adopting client socket: {e}")));
                         continue;
                     }
                 };
-                table.borrow_mut().insert(
-                    conn,
-                    session.clone(),
-                    Entry::Pending { client, leftover },
-                );
+                table.borrow_mut().insert(conn, session.clone(), Entry::Pending { client, leftover });
                 let (table, relay) = (table.clone(), relay.clone());
                 tokio::task::spawn_local(async move {
-                    tokio::time::sleep(Duration::from_secs(relay.config.limits.pair_timeout_secs))
-                        .await;
+                    tokio::time::sleep(Duration::from_secs(relay.config.limits.pair_timeout_secs)).await;
                     let pending = matches!(table.borrow().get(conn), Some(Entry::Pending { .. }));
                     if pending {
                         let reason = "device did not open the connection in time";
-                        close_pending::<B>(
-                            &table,
-                            &relay,
-                            conn,
-                            CloseCode::SERVICE_UNREACHABLE,
-                            reason,
-                        )
-                        .await;
+                        close_pending::<B>(&table, &relay, conn, CloseCode::SERVICE_UNREACHABLE, reason).await;
                     }
                 });
             }
-            Cmd::Device {
-                conn,
-                stream,
-                leftover,
-            } => {
+            Cmd::Device { conn, stream, leftover } => {
                 let Ok(device) = B::adopt(stream) else {
                     continue;
                 };
@@ -196,33 +145,17 @@ async fn worker_loop<B: Backend>(
                     ));
                     continue;
                 }
-                let Some((
-                    session,
-                    Entry::Pending {
-                        client,
-                        leftover: client_leftover,
-                    },
-                )) = table.borrow_mut().remove(conn)
+                let Some((session, Entry::Pending { client, leftover: client_leftover })) =
+                    table.borrow_mut().remove(conn)
                 else {
                     unreachable!("checked pending above")
                 };
                 let ctl = Rc::new(TunnelCtl::new());
-                table
-                    .borrow_mut()
-                    .insert(conn, session.clone(), Entry::Active(ctl.clone()));
+                table.borrow_mut().insert(conn, session.clone(), Entry::Active(ctl.clone()));
                 let (table, relay, pool) = (table.clone(), relay.clone(), pool.clone());
                 tokio::task::spawn_local(async move {
                     relay.metrics.tunnels_active.fetch_add(1, Relaxed);
-                    let end = tunnel::run_tunnel(
-                        client,
-                        client_leftover,
-                        device,
-                        leftover,
-                        &*pool,
-                        &ctl,
-                        &relay,
-                    )
-                    .await;
+                    let end = tunnel::run_tunnel(client, client_leftover, device, leftover, &*pool, &ctl, &relay).await;
                     relay.metrics.tunnels_active.fetch_sub(1, Relaxed);
                     table.borrow_mut().remove(conn);
                     relay.conn_ended(&session, conn, end);
@@ -235,7 +168,7 @@ async fn worker_loop<B: Backend>(
                     None => continue,
                 };
                 match active {
-                    Some(ctl) => ctl.close(code, &reason),
+                    Some(ctl) => ctl.close_because(code, &reason),
                     None => {
                         let (table, relay) = (table.clone(), relay.clone());
                         tokio::task::spawn_local(async move {

@@ -42,11 +42,7 @@ pub(crate) trait Io {
     /// Waits until the socket has bytes (or EOF) to read. Cancel-safe: no buffer, no IO.
     async fn readable(&self) -> io::Result<Self::Ready<'_>>;
     /// Reads into `buf[HEADROOM..]`. `Ok(None)`: the readiness was stale, nothing was read.
-    async fn read<'a>(
-        &'a self,
-        ready: Self::Ready<'a>,
-        buf: Self::Buf,
-    ) -> (io::Result<Option<usize>>, Self::Buf);
+    async fn read<'a>(&'a self, ready: Self::Ready<'a>, buf: Self::Buf) -> (io::Result<Option<usize>>, Self::Buf);
     /// Writes all of `buf[range]`.
     async fn write(&self, buf: Self::Buf, range: Range<usize>) -> (io::Result<()>, Self::Buf);
     /// Writes a small frame of the relay's own.
@@ -93,14 +89,13 @@ pub(crate) struct TunnelCtl {
     stop: watch::Sender<bool>,
     /// The Close frame each pump writes to its destination on its way out (index: [`Dir`]).
     farewell: RefCell<[Option<ControlFrame>; 2]>,
+    /// Why the relay stopped the tunnel, for the audit log.
+    why: RefCell<Option<String>>,
 }
 
 impl TunnelCtl {
     pub(crate) fn new() -> TunnelCtl {
-        TunnelCtl {
-            stop: watch::Sender::new(false),
-            farewell: RefCell::new([None, None]),
-        }
+        TunnelCtl { stop: watch::Sender::new(false), farewell: RefCell::new([None, None]), why: RefCell::new(None) }
     }
 
     /// Asks both pumps to stop, each first sending its farewell frame if it has one (the first
@@ -113,7 +108,8 @@ impl TunnelCtl {
     }
 
     /// Closes both sides with the same code and reason.
-    pub(crate) fn close(&self, code: CloseCode, reason: &str) {
+    pub(crate) fn close_because(&self, code: CloseCode, reason: &str) {
+        self.why.borrow_mut().get_or_insert_with(|| format!("{code} {reason}"));
         let frame = encode::close(code, reason);
         self.stop(Some(frame), Some(frame));
     }
@@ -124,9 +120,17 @@ impl TunnelCtl {
     }
 }
 
-/// Bytes moved, per direction.
-#[derive(Default)]
-pub(crate) struct Moved([Cell<u64>; 2]);
+/// What moved through a tunnel: bytes per direction and when bytes last moved.
+pub(crate) struct Moved {
+    bytes: [Cell<u64>; 2],
+    last: Cell<tokio::time::Instant>,
+}
+
+impl Moved {
+    fn new() -> Moved {
+        Moved { bytes: Default::default(), last: Cell::new(tokio::time::Instant::now()) }
+    }
+}
 
 /// Moves frames from `src` to `dst` until the source closes, breaks, or the tunnel stops.
 #[allow(clippy::too_many_arguments)]
@@ -199,7 +203,8 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(
             failed = res.is_err();
             if !failed {
                 counter.fetch_add(len, Relaxed);
-                moved.0[dir as usize].set(moved.0[dir as usize].get() + len);
+                moved.bytes[dir as usize].set(moved.bytes[dir as usize].get() + len);
+                moved.last.set(tokio::time::Instant::now());
             }
         }
         release(pool, relay, buf);
@@ -222,19 +227,12 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(
             // control connection is about to report it: give that a moment, so the client
             // hears 4004 (device offline) rather than a bare 1001.
             let _ = tokio::time::timeout(AGENT_LOSS_GRACE, ctl.stopped()).await;
-            ctl.farewell.borrow()[dir as usize].or(Some(encode::close(
-                CloseCode::GOING_AWAY,
-                "device disconnected",
-            )))
+            ctl.farewell.borrow()[dir as usize].or(Some(encode::close(CloseCode::GOING_AWAY, "device disconnected")))
         }
-        PumpEnd::Gone => Some(encode::close(
-            CloseCode::GOING_AWAY,
-            &format!("{} disconnected", dir.source()),
-        )),
-        PumpEnd::Violation(e) => Some(encode::close(
-            CloseCode::GOING_AWAY,
-            &format!("{} broke the protocol: {e}", dir.source()),
-        )),
+        PumpEnd::Gone => Some(encode::close(CloseCode::GOING_AWAY, &format!("{} disconnected", dir.source()))),
+        PumpEnd::Violation(e) => {
+            Some(encode::close(CloseCode::GOING_AWAY, &format!("{} broke the protocol: {e}", dir.source())))
+        }
         PumpEnd::Stopped => ctl.farewell.borrow()[dir as usize],
         PumpEnd::Closed => None,
     };
@@ -261,31 +259,16 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     ctl: &TunnelCtl,
     relay: &Relay,
 ) -> ConnEnd {
-    let moved = Moved::default();
-    let to_device = pump(
-        Dir::ToDevice,
-        &client,
-        &device,
-        client_leftover,
-        pool,
-        ctl,
-        relay,
-        &moved,
-    );
-    let to_client = pump(
-        Dir::ToClient,
-        &device,
-        &client,
-        device_leftover,
-        pool,
-        ctl,
-        relay,
-        &moved,
-    );
-    tokio::pin!(to_device, to_client);
+    let limits = &relay.config.limits;
+    let moved = Moved::new();
+    let to_device = pump(Dir::ToDevice, &client, &device, client_leftover, pool, ctl, relay, &moved);
+    let to_client = pump(Dir::ToClient, &device, &client, device_leftover, pool, ctl, relay, &moved);
+    let idle = idle_watch(&moved, ctl, Duration::from_secs(limits.idle_timeout_secs));
+    tokio::pin!(to_device, to_client, idle);
     let (first_dir, first) = tokio::select! {
         end = &mut to_device => (Dir::ToDevice, end),
         end = &mut to_client => (Dir::ToClient, end),
+        _ = &mut idle => unreachable!("the idle watch never returns"),
     };
     let reason = match &first {
         PumpEnd::Closed => format!("{} closed", first_dir.source()),
@@ -294,21 +277,8 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
             relay.metrics.frame_errors.fetch_add(1, Relaxed);
             format!("{} protocol error: {e}", first_dir.source())
         }
-        PumpEnd::Stopped => "closed by the relay".to_string(),
+        PumpEnd::Stopped => ctl.why.borrow().clone().unwrap_or_else(|| "closed by the relay".into()),
     };
-    // The other pump writes to the first pump's source.
-    let to_source = match &first {
-        PumpEnd::Violation(e) => Some(encode::close(e.close_code(), &e.to_string())),
-        _ => None,
-    };
-    match first {
-        PumpEnd::Closed => {}
-        _ => match first_dir {
-            Dir::ToDevice => ctl.stop(None, to_source),
-            Dir::ToClient => ctl.stop(to_source, None),
-        },
-    }
-    let close_wait = Duration::from_secs(relay.config.limits.close_timeout_secs);
     let other = async {
         match first_dir {
             Dir::ToDevice => (&mut to_client).await,
@@ -316,16 +286,46 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
         }
     };
     tokio::pin!(other);
-    if tokio::time::timeout(close_wait, &mut other).await.is_err() {
-        ctl.stop(None, None);
-        other.await;
+    if let PumpEnd::Closed = first {
+        // A normal close: the other side may keep sending (TCP half-close) until it closes too;
+        // only the idle timeout ends a half-closed tunnel early.
+        tokio::select! {
+            _ = &mut other => {}
+            _ = &mut idle => unreachable!("the idle watch never returns"),
+        }
+    } else {
+        // The other pump writes to the first pump's source: a violator hears why.
+        let to_source = match &first {
+            PumpEnd::Violation(e) => Some(encode::close(e.close_code(), &e.to_string())),
+            _ => None,
+        };
+        match first_dir {
+            Dir::ToDevice => ctl.stop(None, to_source),
+            Dir::ToClient => ctl.stop(to_source, None),
+        }
+        let close_wait = Duration::from_secs(limits.close_timeout_secs);
+        if tokio::time::timeout(close_wait, &mut other).await.is_err() {
+            // A write stuck on a peer that stopped reading: shutting the sockets down completes
+            // it with an error, so the operation ends without being dropped.
+            client.shutdown();
+            device.shutdown();
+            other.await;
+        }
     }
     client.shutdown();
     device.shutdown();
-    ConnEnd {
-        to_device: moved.0[0].get(),
-        to_client: moved.0[1].get(),
-        reason,
+    ConnEnd { to_device: moved.bytes[0].get(), to_client: moved.bytes[1].get(), reason }
+}
+
+/// Closes the tunnel with 1001 once no byte moved either way for `idle`; then waits forever.
+async fn idle_watch(moved: &Moved, ctl: &TunnelCtl, idle: Duration) {
+    loop {
+        let deadline = moved.last.get() + idle;
+        if tokio::time::Instant::now() >= deadline {
+            ctl.close_because(CloseCode::GOING_AWAY, &format!("idle for {} s", idle.as_secs()));
+            return std::future::pending().await;
+        }
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -352,10 +352,7 @@ pub(crate) struct Table<I> {
 
 impl<I> Table<I> {
     pub(crate) fn new() -> Table<I> {
-        Table {
-            slots: slab::Slab::new(),
-            by_conn: HashMap::new(),
-        }
+        Table { slots: slab::Slab::new(), by_conn: HashMap::new() }
     }
 
     pub(crate) fn insert(&mut self, conn: u64, session: Arc<str>, entry: Entry<I>) -> usize {

@@ -33,13 +33,9 @@ impl Backend for Uring {
         let stream = tokio_uring::net::TcpStream::from_std(stream);
         // SAFETY: `fd` is owned by `stream`, which lives in the same `UringIo` and is dropped
         // after the `AsyncFd` (field order), so it stays open and the same for its lifetime.
-        let ready = unsafe { AsyncFd::register_with_interest(Fd(fd), Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(UringIo {
-            ready,
-            maybe_more: Cell::new(false),
-            stream,
-        })
+        let ready =
+            unsafe { AsyncFd::register_with_interest(Fd(fd), Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
+        Ok(UringIo { ready, maybe_more: Cell::new(false), stream })
     }
 }
 
@@ -95,12 +91,7 @@ impl UringPool {
                 None
             }
         };
-        UringPool {
-            permits: Semaphore::new(count),
-            fixed,
-            plain: RefCell::new(Vec::new()),
-            size,
-        }
+        UringPool { permits: Semaphore::new(count), fixed, plain: RefCell::new(Vec::new()), size }
     }
 }
 
@@ -108,22 +99,10 @@ impl Pool for UringPool {
     type Buf = UBuf;
 
     async fn acquire(&self) -> UBuf {
-        self.permits
-            .acquire()
-            .await
-            .expect("the pool's semaphore is never closed")
-            .forget();
+        self.permits.acquire().await.expect("the pool's semaphore is never closed").forget();
         match &self.fixed {
-            Some(pool) => UBuf::Fixed(
-                pool.try_next(self.size)
-                    .expect("a permit guarantees a free buffer"),
-            ),
-            None => UBuf::Plain(
-                self.plain
-                    .borrow_mut()
-                    .pop()
-                    .unwrap_or_else(|| vec![0; self.size]),
-            ),
+            Some(pool) => UBuf::Fixed(pool.try_next(self.size).expect("a permit guarantees a free buffer")),
+            None => UBuf::Plain(self.plain.borrow_mut().pop().unwrap_or_else(|| vec![0; self.size])),
         }
     }
 
@@ -159,12 +138,7 @@ impl UringIo {
         let mut byte = 0u8;
         // SAFETY: a 1-byte recv into a local, on a descriptor this stream keeps open.
         let n = unsafe {
-            libc::recv(
-                self.stream.as_raw_fd(),
-                &mut byte as *mut u8 as *mut _,
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
+            libc::recv(self.stream.as_raw_fd(), &mut byte as *mut u8 as *mut _, 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
         };
         n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
     }
@@ -188,11 +162,7 @@ impl Io for UringIo {
         }
     }
 
-    async fn read<'a>(
-        &'a self,
-        mut ready: Self::Ready<'a>,
-        buf: UBuf,
-    ) -> (io::Result<Option<usize>>, UBuf) {
+    async fn read<'a>(&'a self, mut ready: Self::Ready<'a>, buf: UBuf) -> (io::Result<Option<usize>>, UBuf) {
         let cap = buf.len() - HEADROOM;
         let (res, buf) = match buf {
             UBuf::Fixed(b) => {
