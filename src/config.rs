@@ -194,6 +194,14 @@ impl Default for Limits {
     }
 }
 
+/// The audit log: one JSON line per session start and end and per connection end.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// File the lines are appended to; none: no audit log.
+    pub path: Option<std::path::PathBuf>,
+}
+
 /// The data plane's sizing.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -223,9 +231,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub dataplane: DataPlane,
-    /// Where the audit log goes: one JSON line per session start and end and per connection end.
     #[serde(default)]
-    pub audit_log: Option<std::path::PathBuf>,
+    pub audit: Audit,
 }
 
 impl Config {

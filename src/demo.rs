@@ -34,7 +34,7 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
         device: vec![Device { id: "demo-device".into(), key: Credential::Plain(device_key.clone()) }],
         limits: Default::default(),
         dataplane: Default::default(),
-        audit_log: None,
+        audit: Default::default(),
     };
     let running = relay::start(config, "127.0.0.1:0".parse()?, backend)?;
     let relay_url = RelayUrl::parse(&format!("http://{}", running.addr))?;

@@ -4,6 +4,7 @@ mod util;
 
 mod codec_differential;
 mod e2e;
+mod hardening;
 mod leaks;
 mod ssh;
 mod termination;

@@ -30,8 +30,6 @@ type Resp = Response<Full<Bytes>>;
 /// the relay starts shutting down.
 pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, worker: usize) {
     let mut shutdown = relay.shutdown.subscribe();
-    let limits = &relay.config.limits;
-    let (handshake_timeout, max_header) = (Duration::from_secs(limits.handshake_timeout_secs), limits.max_header_bytes);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -54,28 +52,39 @@ pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, w
         let relay = relay.clone();
         tokio::task::spawn_local(async move {
             let _permit = permit;
-            let svc = service_fn(|req| {
-                let relay = relay.clone();
-                async move {
-                    let resp = route(req, relay.clone(), peer).await;
-                    if resp.status() == StatusCode::UNAUTHORIZED {
-                        // Repeated failures from one address are slowed down.
-                        if let Some(delay) = relay.auth_failed(peer.ip()) {
-                            tokio::time::sleep(delay).await;
-                        }
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(handshake_timeout)
-                .max_buf_size(max_header)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades()
-                .await;
+            serve_connection(stream, relay, peer).await;
         });
     }
+}
+
+/// Serves one accepted connection with hyper until it ends or is upgraded. Public so that the
+/// HTTP fuzz target drives exactly this code over an in-memory stream.
+pub async fn serve_connection<S>(io: S, relay: Arc<Relay>, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &relay.config.limits;
+    let (handshake_timeout, max_header) = (Duration::from_secs(limits.handshake_timeout_secs), limits.max_header_bytes);
+    let svc = service_fn(|req| {
+        let relay = relay.clone();
+        async move {
+            let resp = route(req, relay.clone(), peer).await;
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                // Repeated failures from one address are slowed down.
+                if let Some(delay) = relay.auth_failed(peer.ip()) {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let _ = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
+        .max_buf_size(max_header)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Resp {

@@ -65,10 +65,6 @@ impl Audit {
         Ok(Audit(file))
     }
 
-    pub fn none() -> Audit {
-        Audit(None)
-    }
-
     pub fn write(&self, record: Record<'_>) {
         let Some(file) = &self.0 else { return };
         #[derive(Serialize)]

@@ -46,17 +46,10 @@ pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
             incoming = ch.rx.recv() => match incoming {
                 Some(Incoming::Text(t)) => {
                     silent = 0;
-                    match serde_json::from_str::<FromAgent>(&t) {
-                        Ok(FromAgent::ConnectFailed { session, conn, reason }) => {
-                            relay.connect_failed(&device, &session, conn, &reason)
-                        }
-                        Ok(FromAgent::Hello { .. }) => {}
-                        Err(e) => {
-                            let reason = format!("invalid message: {e}");
-                            tracing::warn!(device, "agent sent an {reason}");
-                            let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, reason));
-                            break;
-                        }
+                    if let Err(reason) = agent_message(&relay, &device, &t) {
+                        tracing::warn!(device, "agent sent an {reason}");
+                        let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, reason));
+                        break;
                     }
                 }
                 Some(Incoming::Alive) => silent = 0,
@@ -73,6 +66,19 @@ pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
         }
     }
     relay.agent_down(&device, generation);
+}
+
+/// Acts on one message from `device`'s agent after its hello. `Err` says why the message is
+/// unacceptable (the channel then closes with 1002). Public for the agent-message fuzz target.
+pub fn agent_message(relay: &Relay, device: &str, text: &str) -> Result<(), String> {
+    match serde_json::from_str::<FromAgent>(text) {
+        Ok(FromAgent::ConnectFailed { session, conn, reason }) => {
+            relay.connect_failed(device, &session, conn, &reason);
+            Ok(())
+        }
+        Ok(FromAgent::Hello { .. }) => Ok(()),
+        Err(e) => Err(format!("invalid message: {e}")),
+    }
 }
 
 /// Serves a client's session control connection: pushes session events until it ends.

@@ -9,9 +9,9 @@
 //! - `audit`: the JSON-lines audit log.
 //! - `dataplane`: workers, tunnel tables, buffer pools, forwarding (io_uring or epoll).
 
-mod api;
+pub mod api;
 mod audit;
-mod channels;
+pub mod channels;
 pub mod dataplane;
 pub mod metrics;
 pub mod state;
@@ -86,8 +86,7 @@ pub fn start(config: Config, listen: SocketAddr, backend: Option<BackendKind>) -
         n => n,
     };
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-    let audit = audit::Audit::open(config.audit_log.as_deref())?;
-    let relay = Arc::new(Relay::new(config, audit, txs));
+    let relay = Arc::new(Relay::new(config, txs)?);
 
     for (index, rx) in rxs.into_iter().enumerate() {
         let listener = listener.try_clone()?;

@@ -121,9 +121,11 @@ pub struct ClientConn {
 }
 
 impl Relay {
-    pub fn new(config: Config, audit: Audit, workers: Vec<mpsc::UnboundedSender<Cmd>>) -> Relay {
+    /// The shared state for a relay whose workers listen on `workers` (one sender each).
+    pub fn new(config: Config, workers: Vec<mpsc::UnboundedSender<Cmd>>) -> anyhow::Result<Relay> {
         let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
-        Relay {
+        let audit = Audit::open(config.audit.path.as_deref())?;
+        Ok(Relay {
             config,
             metrics: Metrics::default(),
             audit,
@@ -133,7 +135,7 @@ impl Relay {
             tables: Mutex::default(),
             auth_failures: Mutex::default(),
             next_id: AtomicU64::new(1),
-        }
+        })
     }
 
     /// Records a failed login from `ip`; returns how long to hold the answer back.

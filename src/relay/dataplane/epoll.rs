@@ -20,7 +20,7 @@ impl Backend for Epoll {
 
     fn adopt(stream: std::net::TcpStream) -> io::Result<EpollIo> {
         stream.set_nonblocking(true)?;
-        stream.set_nodelay(true)?;
+        super::tune(&stream)?;
         Ok(EpollIo(tokio::net::TcpStream::from_std(stream)?))
     }
 }

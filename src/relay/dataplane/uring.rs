@@ -27,7 +27,7 @@ impl Backend for Uring {
     type Io = UringIo;
 
     fn adopt(stream: std::net::TcpStream) -> io::Result<UringIo> {
-        stream.set_nodelay(true)?;
+        super::tune(&stream)?;
         stream.set_nonblocking(true)?;
         let fd = stream.as_raw_fd();
         let stream = tokio_uring::net::TcpStream::from_std(stream);
