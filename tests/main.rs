@@ -5,6 +5,7 @@ mod util;
 mod codec_differential;
 mod e2e;
 mod hardening;
+mod hostile;
 mod leaks;
 mod ssh;
 mod termination;

@@ -88,6 +88,11 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// `None` while the process runs.
+    pub fn try_wait_ref(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,0 +1,265 @@
+//! The relay under attack while it carries real traffic: 20 well-behaved tunnels each move
+//! 64 MiB both ways with checksums while the same relay gets 500 handshakes that never finish,
+//! 10,000 random and mutated frame streams (seeded from the fuzz corpus), garbage on the agent
+//! endpoint and abrupt resets. Every good byte must arrive, the relay must keep serving, and its
+//! descriptors and memory must come back afterwards.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// A tiny deterministic RNG for the attackers.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// The fuzz corpus of the forwarder (raw bytes a peer might send).
+fn corpus() -> Vec<Vec<u8>> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/forward_splits");
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(seeds.len() > 50, "the committed fuzz corpus should seed the attack");
+    seeds.sort();
+    seeds
+}
+
+/// A valid masked frame stream to mutate.
+fn valid_frames(rng: &mut Rng) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..1 + rng.below(6) {
+        let len = [0, 1, 125, 126, 300, 70_000][rng.below(6)];
+        let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let op = [0x82u8, 0x89, 0x8a, 0x02, 0x80][rng.below(5)];
+        let mut head = vec![op];
+        match len {
+            0..=125 => head.push(0x80 | len as u8),
+            126..=65_535 => {
+                head.push(0x80 | 126);
+                head.extend((len as u16).to_be_bytes());
+            }
+            _ => {
+                head.push(0x80 | 127);
+                head.extend((len as u64).to_be_bytes());
+            }
+        }
+        let key = (rng.next() as u32).to_be_bytes();
+        head.extend(key);
+        out.extend(head);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    }
+    out
+}
+
+fn mutate(rng: &mut Rng, mut bytes: Vec<u8>) -> Vec<u8> {
+    for _ in 0..rng.below(4) {
+        if bytes.is_empty() {
+            break;
+        }
+        let at = rng.below(bytes.len());
+        match rng.below(4) {
+            0 => bytes[at] ^= 1 << rng.below(8),
+            1 => bytes[at] = rng.next() as u8,
+            2 => bytes.truncate(at),
+            _ => bytes.splice(at..at, (0..rng.below(16)).map(|_| rng.next() as u8)).for_each(drop),
+        }
+    }
+    bytes
+}
+
+/// One attack stream over a fresh client data connection: send, half-close, drain until EOF.
+fn attack_stream(url: &str, token: &str, bytes: &[u8]) {
+    let mut ws = ws_connect(url, token);
+    let tcp = ws.get_mut();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = tcp.write_all(bytes);
+    let _ = tcp.shutdown(Shutdown::Write);
+    let mut sink = [0u8; 16 << 10];
+    while let Ok(n) = tcp.read(&mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn good_tunnel(local: SocketAddr, seed: u64, len: u64) -> bool {
+    let tcp = TcpStream::connect(local).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let sum = send_noise(&mut w, seed, len);
+        w.shutdown(Shutdown::Write).unwrap();
+        sum
+    });
+    let mut r = tcp;
+    let got = read_all_sum(&mut r);
+    got == sender.join().unwrap()
+}
+
+#[test]
+fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
+    let mut relay = Relay::start("uring", "[limits]\nhandshake_timeout_secs = 2\n");
+    let echo = echo_server();
+    let _agent = relay.agent(&[format!("echo={echo}")]);
+    let (_connect, local) = relay.connect("echo", &[]);
+    // Warm up lazily built state, then take the baseline.
+    assert!(good_tunnel(local, 1, 1 << 20));
+    thread::sleep(Duration::from_millis(500));
+    let fds_before = relay.open_fds();
+    let rss_before = relay.rss_kib();
+
+    let peak_rss = Arc::new(AtomicU64::new(rss_before));
+    let done = Arc::new(AtomicBool::new(false));
+    let monitor = {
+        let (peak, done, pid) = (peak_rss.clone(), done.clone(), relay.proc.pid());
+        thread::spawn(move || {
+            while !done.load(Relaxed) {
+                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                    let rss = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                        .unwrap_or(0);
+                    peak.fetch_max(rss, Relaxed);
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    // The well-behaved traffic.
+    let good: Vec<_> = (0..20u64).map(|i| thread::spawn(move || good_tunnel(local, 100 + i, 64 << 20))).collect();
+
+    // 500 handshakes that never finish.
+    let addr = relay.addr;
+    let stallers = thread::spawn(move || {
+        let held: Vec<TcpStream> = (0..500)
+            .filter_map(|_| {
+                let mut s = TcpStream::connect(addr).ok()?;
+                let _ = s.write_all(b"GET /api/v1/sessions HTTP/1.1\r\nHost: x\r\n");
+                Some(s)
+            })
+            .collect();
+        thread::sleep(Duration::from_secs(3));
+        held.len()
+    });
+
+    // 10,000 random and mutated frame streams, on sessions of their own.
+    let seeds = Arc::new(corpus());
+    let frame_attackers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (id, url, token) = relay.start_session("echo", None);
+            let seeds = seeds.clone();
+            thread::spawn(move || {
+                let _ = id;
+                let mut rng = Rng(0x1234_5678 + t * 7919);
+                for i in 0..2500 {
+                    let bytes = match i % 3 {
+                        0 => {
+                            let seed = seeds[rng.below(seeds.len())].clone();
+                            mutate(&mut rng, seed)
+                        }
+                        1 => {
+                            let frames = valid_frames(&mut rng);
+                            mutate(&mut rng, frames)
+                        }
+                        _ => (0..rng.below(512)).map(|_| rng.next() as u8).collect(),
+                    };
+                    attack_stream(&url, &token, &bytes);
+                }
+                2500u64
+            })
+        })
+        .collect();
+
+    // Garbage on the agent endpoint: raw bytes, and frames after a real handshake.
+    let agent_garbage = thread::spawn(move || {
+        let mut rng = Rng(42);
+        let mut tried = 0;
+        for i in 0..200 {
+            let garbage: Vec<u8> = (0..1 + rng.below(2048)).map(|_| rng.next() as u8).collect();
+            if i % 2 == 0 {
+                if let Ok(mut s) = TcpStream::connect(addr) {
+                    let _ = s.write_all(&garbage);
+                    let _ = s.shutdown(Shutdown::Write);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = s.read_to_end(&mut Vec::new());
+                }
+            } else {
+                let url = format!("ws://{addr}/api/v1/agent?device=dev-2");
+                let mut ws = ws_connect(&url, "dev-2-secret-key");
+                let _ = ws.get_mut().write_all(&garbage);
+                let _ = ws.get_mut().shutdown(Shutdown::Write);
+                let _ = ws.get_mut().set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = ws.get_mut().read_to_end(&mut Vec::new());
+            }
+            tried += 1;
+        }
+        tried
+    });
+
+    // Abrupt resets: a handshake, half a frame, then RST.
+    let (_, reset_url, reset_token) = relay.start_session("echo", None);
+    let resetters = thread::spawn(move || {
+        let mut n = 0;
+        for _ in 0..300 {
+            let mut ws = ws_connect(&reset_url, &reset_token);
+            let _ = ws.get_mut().write_all(&[0x82, 0xfe, 0x40, 0x00, 1, 2, 3, 4, 9, 9, 9]);
+            let sock = socket2::SockRef::from(ws.get_ref());
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            drop(ws);
+            n += 1;
+        }
+        n
+    });
+
+    let intact = good.into_iter().map(|g| g.join().unwrap()).filter(|ok| *ok).count();
+    let stalled = stallers.join().unwrap();
+    let streams: u64 = frame_attackers.into_iter().map(|a| a.join().unwrap()).sum();
+    let garbage = agent_garbage.join().unwrap();
+    let resets = resetters.join().unwrap();
+    done.store(true, Relaxed);
+    monitor.join().unwrap();
+
+    assert!(relay.proc.try_wait_ref().is_none(), "the relay exited");
+    assert_eq!(http(relay.addr, "GET", "/healthz", None, None).0, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.metric("ringway_tunnels_active") > 0 || relay.open_fds() > fds_before {
+        assert!(
+            Instant::now() < deadline,
+            "did not settle: {} tunnels, {} fds (baseline {fds_before})",
+            relay.metric("ringway_tunnels_active"),
+            relay.open_fds()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let rss_after = relay.rss_kib();
+    let peak = peak_rss.load(Relaxed);
+    eprintln!(
+        "hostile input: {stalled} stalled handshakes, {streams} frame streams, {garbage} agent-endpoint garbage \
+         inputs, {resets} resets; good tunnels intact {intact}/20 (64 MiB each way each); relay fds {fds_before} -> {}, \
+         RSS {rss_before} KiB -> peak {peak} KiB -> {rss_after} KiB; frame errors {}",
+        relay.open_fds(),
+        relay.metric("ringway_frame_errors_total"),
+    );
+    assert_eq!(intact, 20, "every good tunnel's bytes arrive intact");
+    assert_eq!(stalled, 500);
+    assert_eq!(streams, 10_000);
+    assert_eq!(relay.metric("ringway_buffers_in_use"), 0);
+    assert!(rss_after < rss_before + 32 * 1024, "RSS {rss_before} -> {rss_after} KiB");
+}
