@@ -45,7 +45,7 @@ impl Session {
             .await
             .context("starting a session")?;
         let started: SessionStarted = serde_json::from_slice(&resp).context("the relay's session answer")?;
-        let (_, data_path) = RelayUrl::split_ws_url(&started.client_url)?;
+        let data_path = peer::url_path(&started.client_url)?;
         let control_path = format!("/api/v1/sessions/{}/control", started.id);
         let ws = peer::dial(&opts.relay, &control_path, &started.client_token).await?;
         let mut ch = peer::channel(ws, 64 << 10);

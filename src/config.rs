@@ -194,6 +194,14 @@ impl Default for Limits {
     }
 }
 
+/// The relay's certificate chain and private key, PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
 /// The audit log: one JSON line per session start and end and per connection end.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -233,6 +241,9 @@ pub struct Config {
     pub dataplane: DataPlane,
     #[serde(default)]
     pub audit: Audit,
+    /// Serve `https://`/`wss://` with this certificate and key; absent: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<Tls>,
 }
 
 impl Config {

@@ -35,6 +35,7 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
         limits: Default::default(),
         dataplane: Default::default(),
         audit: Default::default(),
+        tls: None,
     };
     let running = relay::start(config, "127.0.0.1:0".parse()?, backend)?;
     let relay_url = RelayUrl::parse(&format!("http://{}", running.addr))?;

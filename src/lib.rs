@@ -12,6 +12,7 @@
 //! - [`peer`]: WebSocket/HTTP plumbing the edge roles and control channels share.
 //! - [`proto`]: the JSON messages and API bodies.
 //! - [`config`]: the relay's TOML configuration and the [`config::Secret`] type.
+//! - [`tls`]: rustls configurations for the relay and the edge roles.
 //! - [`demo`]: everything on loopback in one process, with a self-check.
 
 pub mod agent;
@@ -21,4 +22,5 @@ pub mod demo;
 pub mod peer;
 pub mod proto;
 pub mod relay;
+pub mod tls;
 pub mod ws;

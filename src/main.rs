@@ -50,9 +50,12 @@ enum Command {
     },
     /// Run the device agent: keep a control connection to the relay and serve the named services.
     Agent {
-        /// The relay, e.g. http://relay.example.net:8080
+        /// The relay, e.g. https://relay.example.net or http://127.0.0.1:8080
         #[arg(long)]
         relay: String,
+        /// CA certificate (PEM) to verify an https:// relay with, instead of the system roots.
+        #[arg(long)]
+        ca: Option<PathBuf>,
         /// This device's id, as listed in the relay's config.
         #[arg(long)]
         device: String,
@@ -65,8 +68,12 @@ enum Command {
     },
     /// Start a session to a device's service and serve it on a local port.
     Connect {
+        /// The relay, e.g. https://relay.example.net
         #[arg(long)]
         relay: String,
+        /// CA certificate (PEM) to verify an https:// relay with, instead of the system roots.
+        #[arg(long)]
+        ca: Option<PathBuf>,
         /// Operator token for the control API.
         #[arg(long, env = "RINGWAY_TOKEN", hide_env_values = true)]
         token: String,
@@ -93,6 +100,9 @@ enum Command {
         action: SessionAction,
         #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
         relay: String,
+        /// CA certificate (PEM) to verify an https:// relay with, instead of the system roots.
+        #[arg(long, global = true)]
+        ca: Option<PathBuf>,
         #[arg(long, global = true, env = "RINGWAY_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
@@ -169,18 +179,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             running.shutdown();
             Ok(0)
         }
-        Command::Agent { relay, device, key, services } => {
-            let opts =
-                AgentOptions { relay: RelayUrl::parse(&relay)?, device, key, services: services.into_iter().collect() };
+        Command::Agent { relay, ca, device, key, services } => {
+            let relay = RelayUrl::parse_with_ca(&relay, ca.as_deref())?;
+            let opts = AgentOptions { relay, device, key, services: services.into_iter().collect() };
             tokio_main(async move { agent::run(opts).await.map(|()| 0) })
         }
-        Command::Connect { relay, token, device, service, listen, exec, stdio, ttl } => {
-            let opts = ConnectOptions { relay: RelayUrl::parse(&relay)?, token, device, service, ttl_secs: ttl };
+        Command::Connect { relay, ca, token, device, service, listen, exec, stdio, ttl } => {
+            let relay = RelayUrl::parse_with_ca(&relay, ca.as_deref())?;
+            let opts = ConnectOptions { relay, token, device, service, ttl_secs: ttl };
             let mode = if stdio { Mode::Stdio } else { Mode::Listen { addr: listen, exec } };
             tokio_main(client::run(opts, mode))
         }
-        Command::Session { action, relay, token } => {
-            let relay = RelayUrl::parse(&relay)?;
+        Command::Session { action, relay, ca, token } => {
+            let relay = RelayUrl::parse_with_ca(&relay, ca.as_deref())?;
             let token = token.context("--token (or RINGWAY_TOKEN) is required")?;
             tokio_main(async move {
                 let (method, path, body) = match action {

@@ -21,47 +21,69 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 
-/// The relay as the edge roles address it: `http://host:port` or `ws://host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The relay as the edge roles address it: `http://`/`ws://` (plain) or `https://`/`wss://`
+/// (TLS, the relay's certificate verified against the system roots or a given CA file).
+#[derive(Clone)]
 pub struct RelayUrl {
     /// `host:port`, as dialed and as sent in `Host`.
     pub authority: String,
+    host: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+impl std::fmt::Debug for RelayUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.authority)
+    }
+}
+
+/// A byte stream to the relay, plain or TLS.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 impl RelayUrl {
+    /// A relay URL; `https`/`wss` verify the relay against the system roots.
     pub fn parse(s: &str) -> anyhow::Result<RelayUrl> {
+        RelayUrl::parse_with_ca(s, None)
+    }
+
+    /// A relay URL; `https`/`wss` verify the relay against `ca` (PEM) if given.
+    pub fn parse_with_ca(s: &str, ca: Option<&std::path::Path>) -> anyhow::Result<RelayUrl> {
         let uri: hyper::Uri = s.parse().with_context(|| format!("relay URL {s:?} is not a URL"))?;
-        match uri.scheme_str() {
-            Some("http" | "ws") => {}
-            Some("https" | "wss") => {
-                bail!("relay URL {s}: TLS (https/wss) is not supported by this build yet")
-            }
-            _ => bail!("relay URL {s}: use http://HOST:PORT or ws://HOST:PORT"),
-        }
+        let tls = match uri.scheme_str() {
+            Some("http" | "ws") => false,
+            Some("https" | "wss") => true,
+            _ => bail!("relay URL {s}: use http(s)://HOST:PORT or ws(s)://HOST:PORT"),
+        };
         let host = uri.host().ok_or_else(|| anyhow!("relay URL {s} has no host"))?;
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         if !matches!(uri.path(), "" | "/") {
             bail!("relay URL {s}: give only scheme, host and port (no path)");
         }
-        Ok(RelayUrl { authority: format!("{host}:{port}") })
+        let tls = if tls { Some(crate::tls::client_config(ca)?) } else { None };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        Ok(RelayUrl { authority: format!("{}:{port}", uri.host().unwrap_or_default()), host, tls })
     }
 
-    /// Splits a full `ws://host:port/path` URL (as the relay returns in `client_url`).
-    pub fn split_ws_url(s: &str) -> anyhow::Result<(RelayUrl, String)> {
-        let uri: hyper::Uri = s.parse().with_context(|| format!("{s:?} is not a URL"))?;
-        let pq = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-        let base =
-            format!("{}://{}", uri.scheme_str().unwrap_or("ws"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
-        Ok((RelayUrl::parse(&base)?, pq))
-    }
-
-    async fn connect(&self) -> anyhow::Result<TcpStream> {
+    async fn connect(&self) -> anyhow::Result<Box<dyn Stream>> {
         let tcp = TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("connecting to the relay at {}", self.authority))?;
         tcp.set_nodelay(true)?;
-        Ok(tcp)
+        let Some(config) = &self.tls else { return Ok(Box::new(tcp)) };
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .with_context(|| format!("{:?} is not a valid TLS server name", self.host))?;
+        let tls = tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await.with_context(|| {
+            format!("TLS handshake with the relay at {} failed (is --ca the relay's CA?)", self.authority)
+        })?;
+        Ok(Box::new(tls))
     }
+}
+
+/// The path and query of a full URL (as the relay returns in `client_url`).
+pub fn url_path(s: &str) -> anyhow::Result<String> {
+    let uri: hyper::Uri = s.parse().with_context(|| format!("{s:?} is not a URL"))?;
+    Ok(uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()))
 }
 
 /// The socket type every dialed or accepted WebSocket runs on.

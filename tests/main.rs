@@ -9,3 +9,4 @@ mod hostile;
 mod leaks;
 mod ssh;
 mod termination;
+mod tls;

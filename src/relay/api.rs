@@ -15,9 +15,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio_rustls::server::TlsStream as RustlsStream;
+
+type TlsStream = RustlsStream<tokio::net::TcpStream>;
 use serde::Serialize;
 
-use super::dataplane::Cmd;
+use super::dataplane::{Cmd, DataSocket};
 use super::metrics::HandshakeFailure;
 use super::state::{ClientConn, Refusal};
 use super::{channels, Relay};
@@ -52,7 +55,21 @@ pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, w
         let relay = relay.clone();
         tokio::task::spawn_local(async move {
             let _permit = permit;
-            serve_connection(stream, relay, peer).await;
+            match relay.tls.clone() {
+                None => serve_connection(stream, relay, peer).await,
+                Some(acceptor) => {
+                    // The TLS handshake counts against the same deadline as the HTTP request.
+                    let deadline = Duration::from_secs(relay.config.limits.handshake_timeout_secs);
+                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, relay, peer).await,
+                        Ok(Err(e)) => {
+                            relay.metrics.handshake_failed(HandshakeFailure::Malformed);
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        }
+                        Err(_) => relay.metrics.handshake_failed(HandshakeFailure::Malformed),
+                    }
+                }
+            }
         });
     }
 }
@@ -254,12 +271,16 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
 }
 
 /// The socket under an upgraded connection, and what hyper had read past the request.
-async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(std::net::TcpStream, Bytes)> {
+async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(DataSocket, Bytes)> {
     let ws = fut.await.ok()?;
     let upgraded = ws.into_inner().into_inner();
-    let parts = upgraded.downcast::<TokioIo<tokio::net::TcpStream>>().ok()?;
-    let stream = parts.io.into_inner().into_std().ok()?;
-    Some((stream, parts.read_buf))
+    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => Some((DataSocket::Plain(parts.io.into_inner().into_std().ok()?), parts.read_buf)),
+        Err(upgraded) => {
+            let parts = upgraded.downcast::<TokioIo<TlsStream>>().ok()?;
+            Some((DataSocket::Tls(Box::new(parts.io.into_inner())), parts.read_buf))
+        }
+    }
 }
 
 async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Resp {

@@ -102,6 +102,8 @@ pub struct Relay {
     pub config: Config,
     pub metrics: Metrics,
     pub audit: Audit,
+    /// Set when the config has `[tls]`: every connection is TLS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Connections in their HTTP phase (relay-wide), bounded by `limits.max_handshakes`.
     pub handshakes: Arc<Semaphore>,
     /// Flips to true on SIGTERM: accept loops stop, new sessions are refused.
@@ -125,10 +127,15 @@ impl Relay {
     pub fn new(config: Config, workers: Vec<mpsc::UnboundedSender<Cmd>>) -> anyhow::Result<Relay> {
         let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
         let audit = Audit::open(config.audit.path.as_deref())?;
+        let tls = match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(&t.cert, &t.key)?)),
+            None => None,
+        };
         Ok(Relay {
             config,
             metrics: Metrics::default(),
             audit,
+            tls,
             handshakes,
             shutdown: watch::Sender::new(false),
             workers,
@@ -224,7 +231,10 @@ impl Relay {
         let now = unix_now();
         let started = SessionStarted {
             id: id.to_string(),
-            client_url: format!("ws://{host}/api/v1/sessions/{id}/client"),
+            client_url: format!(
+                "{}://{host}/api/v1/sessions/{id}/client",
+                if self.config.tls.is_some() { "wss" } else { "ws" }
+            ),
             client_token: client_token.expose().to_string(),
             expires_at: now + ttl,
         };

@@ -11,6 +11,7 @@
 //! socket (with the bytes hyper read past the request) to the owner worker as a [`Cmd`].
 
 mod epoll;
+mod tls;
 mod tunnel;
 mod uring;
 
@@ -52,12 +53,20 @@ pub fn probe() -> io::Result<()> {
     tokio_uring::uring_builder().build(8).map(drop)
 }
 
+/// An upgraded data connection as it leaves hyper.
+pub enum DataSocket {
+    /// Plain TCP, taken off the accepting runtime's reactor.
+    Plain(std::net::TcpStream),
+    /// TLS terminated by the relay; stays on the reactor that accepted it.
+    Tls(Box<tls::TlsStream>),
+}
+
 /// What the control plane hands a worker.
 pub enum Cmd {
     /// A client data connection upgraded; park it until its device side arrives.
-    Client { conn: u64, session: Arc<str>, stream: std::net::TcpStream, leftover: Bytes },
+    Client { conn: u64, session: Arc<str>, stream: DataSocket, leftover: Bytes },
     /// The device side of `conn` upgraded; pair it and start forwarding.
-    Device { conn: u64, stream: std::net::TcpStream, leftover: Bytes },
+    Device { conn: u64, stream: DataSocket, leftover: Bytes },
     /// End `conn` with this close code on both sides.
     Close { conn: u64, code: CloseCode, reason: String },
 }
@@ -71,6 +80,79 @@ pub(crate) fn tune(stream: &std::net::TcpStream) -> io::Result<()> {
         .with_interval(Duration::from_secs(10))
         .with_retries(6);
     socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+/// The same options for a socket already on tokio (TLS connections).
+pub(crate) fn tune_tokio(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+/// One side of a tunnel: a socket of the worker's backend, or a TLS connection.
+pub(crate) enum Side<I: tunnel::Io> {
+    Plain(I),
+    /// Boxed: a plain tunnel should not pay for rustls's state.
+    Tls(Box<tls::TlsIo<I::Buf>>),
+}
+
+pub(crate) enum SideReady<'a, I: tunnel::Io + 'a> {
+    Plain(I::Ready<'a>),
+    Tls,
+}
+
+impl<I: tunnel::Io> tunnel::Io for Side<I> {
+    type Buf = I::Buf;
+    type Ready<'a>
+        = SideReady<'a, I>
+    where
+        I: 'a;
+
+    async fn readable(&self) -> io::Result<SideReady<'_, I>> {
+        match self {
+            Side::Plain(io) => io.readable().await.map(SideReady::Plain),
+            Side::Tls(io) => io.readable().await.map(|()| SideReady::Tls),
+        }
+    }
+
+    async fn read<'a>(&'a self, ready: SideReady<'a, I>, buf: I::Buf) -> (io::Result<Option<usize>>, I::Buf) {
+        match (self, ready) {
+            (Side::Plain(io), SideReady::Plain(r)) => io.read(r, buf).await,
+            (Side::Tls(io), _) => io.read((), buf).await,
+            (Side::Plain(_), SideReady::Tls) => unreachable!("readiness comes from the same side"),
+        }
+    }
+
+    async fn write(&self, buf: I::Buf, range: std::ops::Range<usize>) -> (io::Result<()>, I::Buf) {
+        match self {
+            Side::Plain(io) => io.write(buf, range).await,
+            Side::Tls(io) => io.write(buf, range).await,
+        }
+    }
+
+    async fn write_small(&self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Side::Plain(io) => io.write_small(bytes).await,
+            Side::Tls(io) => io.write_small(bytes).await,
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            Side::Plain(io) => io.shutdown(),
+            Side::Tls(io) => io.shutdown(),
+        }
+    }
+}
+
+fn adopt<B: Backend>(socket: DataSocket) -> io::Result<Side<B::Io>> {
+    match socket {
+        DataSocket::Plain(s) => B::adopt(s).map(Side::Plain),
+        DataSocket::Tls(t) => tls::TlsIo::new(*t).map(|io| Side::Tls(Box::new(io))),
+    }
 }
 
 /// A backend: how sockets are adopted and buffers pooled.
@@ -121,11 +203,11 @@ async fn thread_main<B: Backend>(
 }
 
 async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedReceiver<Cmd>, relay: Arc<Relay>) {
-    let table: Rc<RefCell<Table<B::Io>>> = Rc::new(RefCell::new(Table::new()));
+    let table: Rc<RefCell<Table<Side<B::Io>>>> = Rc::new(RefCell::new(Table::new()));
     while let Some(cmd) = rx.recv().await {
         match cmd {
             Cmd::Client { conn, session, stream, leftover } => {
-                let client = match B::adopt(stream) {
+                let client = match adopt::<B>(stream) {
                     Ok(io) => io,
                     Err(e) => {
                         relay.conn_ended(&session, conn, ConnEnd::failed(format!("adopting client socket: {e}")));
@@ -144,7 +226,7 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                 });
             }
             Cmd::Device { conn, stream, leftover } => {
-                let Ok(device) = B::adopt(stream) else {
+                let Ok(device) = adopt::<B>(stream) else {
                     continue;
                 };
                 let pending = matches!(table.borrow().get(conn), Some(Entry::Pending { .. }));
@@ -193,7 +275,7 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
 }
 
 async fn close_pending<B: Backend>(
-    table: &RefCell<Table<B::Io>>,
+    table: &RefCell<Table<Side<B::Io>>>,
     relay: &Relay,
     conn: u64,
     code: CloseCode,
