@@ -1,0 +1,131 @@
+//! What TLS costs the relay, measured through the real binaries: relay, agent and
+//! `ringway connect` as processes, one tunnel moving data both ways at once, for the io_uring
+//! and epoll backends in plain HTTP and for TLS. Reports throughput and the relay's own CPU time
+//! per GB forwarded (from /proc), with ratios against plain io_uring from the same run.
+//!
+//! Run: `cargo bench --bench relay_paths` (add `-- --quick` for a short run).
+
+#[path = "../tests/util.rs"]
+mod util;
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::thread;
+use std::time::Instant;
+
+use util::*;
+
+fn relay_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// A service that sinks what it gets and sends `len` bytes back at the same time.
+fn source_sink(len: u64) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let mut w = s.try_clone().unwrap();
+            thread::spawn(move || {
+                send_noise(&mut w, 3, len);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+            thread::spawn(move || {
+                let mut r = s;
+                read_all_sum(&mut r);
+            });
+        }
+    });
+    addr
+}
+
+fn pki(dir: &std::path::Path) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(p("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(p("key.pem"), key.serialize_pem()).unwrap();
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
+/// Returns (MB/s each way, relay CPU seconds per GB forwarded).
+fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path());
+    let extra = if tls { format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n") } else { String::new() };
+    let relay = Relay::start(backend, &extra);
+    let url = format!("{}://127.0.0.1:{}", if tls { "https" } else { "http" }, relay.addr.port());
+    let service = source_sink(len);
+    let svc = format!("bulk={service}");
+    let (_agent, _) = Proc::spawn(
+        "agent",
+        &["agent", "--relay", &url, "--ca", &ca, "--device", DEVICE_ID, "--key", DEVICE_KEY, "--service", &svc],
+        false,
+    );
+    let (_connect, local) = loop {
+        // The agent needs a moment to come online; connect retries until a session starts.
+        let (mut p, a) = Proc::spawn(
+            "connect",
+            &[
+                "connect",
+                "--relay",
+                &url,
+                "--ca",
+                &ca,
+                "--token",
+                OPERATOR_TOKEN,
+                "--device",
+                DEVICE_ID,
+                "--service",
+                "bulk",
+            ],
+            true,
+        );
+        let a = a.unwrap();
+        thread::sleep(std::time::Duration::from_millis(300));
+        if p.try_wait_ref().is_none() {
+            break (p, a);
+        }
+    };
+    thread::sleep(std::time::Duration::from_millis(300));
+    let cpu0 = relay_cpu_secs(relay.proc.pid());
+    let began = Instant::now();
+    let tcp = TcpStream::connect(local).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        send_noise(&mut w, 9, len);
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut r = tcp;
+    let (_, got) = read_all_sum(&mut r);
+    sender.join().unwrap();
+    let secs = began.elapsed().as_secs_f64();
+    let cpu = relay_cpu_secs(relay.proc.pid()) - cpu0;
+    assert_eq!(got, len, "short transfer");
+    let gb = 2.0 * len as f64 / 1e9;
+    (len as f64 / 1e6 / secs, cpu / gb)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let len: u64 = if quick { 64 << 20 } else { 512 << 20 };
+    println!("relay paths: 1 tunnel, {} MiB each way at once, client -> relay -> agent -> service", len >> 20);
+    println!("{:<18} {:>12} {:>16} {:>10} {:>10}", "path", "MB/s each way", "relay CPU s/GB", "speed", "CPU/GB");
+    let mut base = None;
+    for (name, backend, tls) in
+        [("io_uring, plain", "uring", false), ("epoll, plain", "epoll", false), ("TLS (tokio-rustls)", "uring", true)]
+    {
+        let (mbps, cpu) = run(backend, tls, len);
+        let (b_mbps, b_cpu) = *base.get_or_insert((mbps, cpu));
+        println!("{name:<18} {mbps:>12.0} {cpu:>16.2} {:>9.2}x {:>9.2}x", mbps / b_mbps, cpu / b_cpu);
+    }
+}
