@@ -105,6 +105,13 @@ fn killing_the_agent_closes_connections_with_4004() {
     // New connections to the offline device are refused the same way.
     let (_, mut ws) = raw_client(&relay, "echo", None);
     assert_eq!(ws_wait_close(&mut ws, Duration::from_secs(10)).0, 4004);
+    // And the relay freed everything the dead agent's tunnels held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.metric("ringway_tunnels_active") != 0 || relay.metric("ringway_buffers_in_use") != 0 {
+        assert!(Instant::now() < deadline, "tunnels or buffers left behind");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(relay.metric("ringway_agents_connected"), 0);
 }
 
 #[test]
