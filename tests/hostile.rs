@@ -213,26 +213,32 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
         tried
     });
 
-    // Abrupt resets: a handshake, half a frame, then RST.
-    let (_, reset_url, reset_token) = relay.start_session("echo", None);
+    // Abrupt resets: a handshake, half a frame, then RST. Reset connections wait unread until
+    // their device side pairs, so they are spread over sessions to stay under the per-session
+    // connection limit; a refusal (429) would be the limit working, and is counted apart.
+    let reset_sessions: Vec<_> = (0..6).map(|_| relay.start_session("echo", None)).collect();
     let resetters = thread::spawn(move || {
-        let mut n = 0;
-        for _ in 0..300 {
-            let mut ws = ws_connect(&reset_url, &reset_token);
+        let (mut n, mut refused) = (0, 0);
+        for i in 0..300 {
+            let (_, url, token) = &reset_sessions[i / 50];
+            let Ok(mut ws) = try_ws_connect(url, token) else {
+                refused += 1;
+                continue;
+            };
             let _ = ws.get_mut().write_all(&[0x82, 0xfe, 0x40, 0x00, 1, 2, 3, 4, 9, 9, 9]);
             let sock = socket2::SockRef::from(ws.get_ref());
             let _ = sock.set_linger(Some(Duration::ZERO));
             drop(ws);
             n += 1;
         }
-        n
+        (n, refused)
     });
 
     let intact = good.into_iter().map(|g| g.join().unwrap()).filter(|ok| *ok).count();
     let stalled = stallers.join().unwrap();
     let streams: u64 = frame_attackers.into_iter().map(|a| a.join().unwrap()).sum();
     let garbage = agent_garbage.join().unwrap();
-    let resets = resetters.join().unwrap();
+    let (resets, resets_refused) = resetters.join().unwrap();
     done.store(true, Relaxed);
     monitor.join().unwrap();
 
@@ -252,7 +258,7 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
     let peak = peak_rss.load(Relaxed);
     eprintln!(
         "hostile input: {stalled} stalled handshakes, {streams} frame streams, {garbage} agent-endpoint garbage \
-         inputs, {resets} resets; good tunnels intact {intact}/20 (64 MiB each way each); relay fds {fds_before} -> {}, \
+         inputs, {resets} resets (+{resets_refused} refused at the limit); good tunnels intact {intact}/20 (64 MiB each way each); relay fds {fds_before} -> {}, \
          RSS {rss_before} KiB -> peak {peak} KiB -> {rss_after} KiB; frame errors {}",
         relay.open_fds(),
         relay.metric("ringway_frame_errors_total"),

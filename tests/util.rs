@@ -240,13 +240,17 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, bod
 
 /// A raw WebSocket client (tungstenite, an independent implementation) to a relay URL.
 pub fn ws_connect(url: &str, token: &str) -> tungstenite::WebSocket<TcpStream> {
+    try_ws_connect(url, token).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"))
+}
+
+/// [`ws_connect`], returning the refusal instead of panicking.
+pub fn try_ws_connect(url: &str, token: &str) -> Result<tungstenite::WebSocket<TcpStream>, String> {
     use tungstenite::client::IntoClientRequest;
     let mut req = url.into_client_request().unwrap();
     req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
     let authority = req.uri().authority().unwrap().as_str().to_string();
-    let tcp = TcpStream::connect(authority).unwrap();
-    let (ws, _) = tungstenite::client(req, tcp).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
-    ws
+    let tcp = TcpStream::connect(authority).map_err(|e| e.to_string())?;
+    tungstenite::client(req, tcp).map(|(ws, _)| ws).map_err(|e| e.to_string())
 }
 
 /// Reads until the peer's Close; returns its code and reason.

@@ -73,23 +73,14 @@ pub enum Cmd {
 
 /// Socket options every data connection gets: no Nagle delay, and TCP keepalive so that a
 /// peer that vanished without a FIN is noticed (about 2 minutes) even on an otherwise quiet tunnel.
-pub(crate) fn tune(stream: &std::net::TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+pub(crate) fn tune(stream: &impl std::os::fd::AsFd) -> io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10))
         .with_retries(6);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
-}
-
-/// The same options for a socket already on tokio (TLS connections).
-pub(crate) fn tune_tokio(stream: &tokio::net::TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    sock.set_tcp_keepalive(&keepalive)
 }
 
 /// One side of a tunnel: a socket of the worker's backend, or a TLS connection.

@@ -29,7 +29,7 @@ pub(crate) struct TlsIo<B> {
 
 impl<B> TlsIo<B> {
     pub(crate) fn new(tls: TlsStream) -> io::Result<TlsIo<B>> {
-        super::tune_tokio(tls.get_ref().0)?;
+        super::tune(tls.get_ref().0)?;
         Ok(TlsIo { tls: RefCell::new(tls), maybe_more: Cell::new(false), _buf: PhantomData })
     }
 }
