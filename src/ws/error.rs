@@ -25,9 +25,11 @@ impl CloseCode {
     pub const DEVICE_OFFLINE: CloseCode = CloseCode(4004);
 
     /// Whether a peer may put this code on the wire (RFC 6455 §7.4.1–2: 1005, 1006 and 1015
-    /// are reserved for reporting, 1016–2999 are unassigned, 5000 and up do not exist).
+    /// are reserved for reporting, 1016–2999 are unassigned, 5000 and up do not exist). 1014
+    /// is refused too, as fastwebsockets and tungstenite refuse it: a code the relay forwards
+    /// must be one its peers accept (found by the frame_roundtrip fuzz target).
     pub fn is_sendable(self) -> bool {
-        matches!(self.0, 1000..=1003 | 1007..=1014 | 3000..=4999)
+        matches!(self.0, 1000..=1003 | 1007..=1013 | 3000..=4999)
     }
 }
 

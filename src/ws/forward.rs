@@ -542,17 +542,25 @@ mod tests {
     #[test]
     fn bad_close_payloads_are_rejected_with_their_codes() {
         assert_eq!(error_of(&masked(true, OpCode::Close, &[3])), FrameError::CloseFrameTruncated);
-        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65_535] {
+        for code in [0u16, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000, 65_535] {
             let e = error_of(&masked(true, OpCode::Close, &code.to_be_bytes()));
             assert_eq!(e, FrameError::InvalidCloseCode(code));
             assert_eq!(e.close_code().0, 1002);
         }
-        for code in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4001, 4999] {
+        for code in [1000u16, 1001, 1003, 1007, 1011, 1012, 1013, 3000, 4001, 4999] {
             assert_eq!(run(&masked(true, OpCode::Close, &code.to_be_bytes())).result, Ok(()), "{code}");
         }
         let e = error_of(&masked(true, OpCode::Close, &[0x03, 0xe8, 0xff, 0xfe]));
         assert_eq!(e, FrameError::InvalidCloseReason);
         assert_eq!(e.close_code(), CloseCode::INVALID_PAYLOAD);
+    }
+
+    /// Regression (fuzz/regressions/frame_roundtrip/crash-7fa4…): a Close with code 1014 passed
+    /// the relay but both reference implementations reject it as a protocol error.
+    #[test]
+    fn close_code_1014_is_refused_like_the_reference_implementations_do() {
+        let input = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xf6];
+        assert_eq!(run(&input).result, Err(FrameError::InvalidCloseCode(1014)));
     }
 
     #[test]
