@@ -274,11 +274,14 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
 async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(DataSocket, Bytes)> {
     let ws = fut.await.ok()?;
     let upgraded = ws.into_inner().into_inner();
+    // What hyper read past the request is a slice of its whole read buffer: copy it (usually
+    // empty) so a parked or idle connection does not keep that buffer alive.
+    let own = |b: Bytes| if b.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&b) };
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
-        Ok(parts) => Some((DataSocket::Plain(parts.io.into_inner().into_std().ok()?), parts.read_buf)),
+        Ok(parts) => Some((DataSocket::Plain(parts.io.into_inner().into_std().ok()?), own(parts.read_buf))),
         Err(upgraded) => {
             let parts = upgraded.downcast::<TokioIo<TlsStream>>().ok()?;
-            Some((DataSocket::Tls(Box::new(parts.io.into_inner())), parts.read_buf))
+            Some((DataSocket::Tls(Box::new(parts.io.into_inner())), own(parts.read_buf)))
         }
     }
 }
