@@ -132,29 +132,29 @@ impl Moved {
     }
 }
 
-/// Moves frames from `src` to `dst` until the source closes, breaks, or the tunnel stops.
-#[allow(clippy::too_many_arguments)]
-async fn pump<I: Io, P: Pool<Buf = I::Buf>>(
+/// One direction's fixed context.
+struct Leg<'a, I, P> {
     dir: Dir,
-    src: &I,
-    dst: &I,
-    mut leftover: Bytes,
-    pool: &P,
-    ctl: &TunnelCtl,
-    relay: &Relay,
-    moved: &Moved,
-) -> PumpEnd {
-    let mut fwd = Forwarder::new(relay.config.limits.max_frame_bytes);
-    let counter = match dir {
-        Dir::ToDevice => &relay.metrics.bytes_to_device,
-        Dir::ToClient => &relay.metrics.bytes_to_client,
-    };
+    src: &'a I,
+    dst: &'a I,
+    pool: &'a P,
+    ctl: &'a TunnelCtl,
+    relay: &'a Relay,
+    moved: &'a Moved,
+}
+
+/// Moves frames from `src` to `dst` until the source closes, breaks, or the tunnel stops.
+///
+/// Only the wait for readiness lives in this future; each read→forward→write cycle and the
+/// farewell run in a boxed future of their own, so an idle tunnel carries none of their state.
+async fn pump<I: Io, P: Pool<Buf = I::Buf>>(leg: Leg<'_, I, P>, mut leftover: Bytes) -> PumpEnd {
+    let mut fwd = Forwarder::new(leg.relay.config.limits.max_frame_bytes);
     let end = loop {
         let ready = if leftover.is_empty() {
             tokio::select! {
                 biased;
-                _ = ctl.stopped() => break PumpEnd::Stopped,
-                ready = src.readable() => match ready {
+                _ = leg.ctl.stopped() => break PumpEnd::Stopped,
+                ready = leg.src.readable() => match ready {
                     Ok(r) => Some(r),
                     Err(_) => break PumpEnd::Gone,
                 },
@@ -162,66 +162,86 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(
         } else {
             None
         };
-        let mut buf = tokio::select! {
-            biased;
-            _ = ctl.stopped() => break PumpEnd::Stopped,
-            buf = pool.acquire() => buf,
-        };
-        relay.metrics.buffers_in_use.fetch_add(1, Relaxed);
-        let cap = buf.len() - HEADROOM;
-        // From here on the buffer is in flight: every operation is awaited to completion.
-        let (read, b) = match ready {
-            Some(ready) => src.read(ready, buf).await,
-            None => {
-                let n = leftover.len().min(cap);
-                buf[HEADROOM..HEADROOM + n].copy_from_slice(&leftover.split_to(n));
-                (Ok(Some(n)), buf)
-            }
-        };
-        buf = b;
-        let n = match read {
-            Ok(Some(0)) | Err(_) => {
-                release(pool, relay, buf);
-                break PumpEnd::Gone;
-            }
-            Ok(None) => {
-                release(pool, relay, buf);
-                continue;
-            }
-            Ok(Some(n)) => n,
-        };
-        let forwarded = fwd.forward(&mut buf, HEADROOM..HEADROOM + n, |_: Event<'_>| {});
-        let (out, violation) = match forwarded {
-            Ok(out) => (out, None),
-            Err(e) => (e.out.clone(), Some(e.error)),
-        };
-        let mut failed = false;
-        if !out.is_empty() && violation.is_none() {
-            let len = out.len() as u64;
-            let (res, b) = dst.write(buf, out).await;
-            buf = b;
-            failed = res.is_err();
-            if !failed {
-                counter.fetch_add(len, Relaxed);
-                moved.bytes[dir as usize].set(moved.bytes[dir as usize].get() + len);
-                moved.last.set(tokio::time::Instant::now());
-            }
-        }
-        release(pool, relay, buf);
-        if let Some(e) = violation {
-            break PumpEnd::Violation(e);
-        }
-        if failed {
-            // The destination is gone; the other pump will see it too.
-            break PumpEnd::Stopped;
-        }
-        if fwd.closed() {
-            break PumpEnd::Closed;
+        if let Some(end) = Box::pin(cycle(&leg, &mut fwd, ready, &mut leftover)).await {
+            break end;
         }
     };
+    Box::pin(farewell(&leg, &fwd, &end)).await;
+    end
+}
 
-    // On the way out, tell the destination why, if a frame of ours can still go there.
-    let farewell = match &end {
+/// One buffer's round: take a buffer, read (or take leftover bytes), rewrite, write, give the
+/// buffer back. `Some` ends the pump.
+async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
+    leg: &Leg<'a, I, P>,
+    fwd: &mut Forwarder,
+    ready: Option<I::Ready<'a>>,
+    leftover: &mut Bytes,
+) -> Option<PumpEnd> {
+    let Leg { dir, src, dst, pool, ctl, relay, moved } = *leg;
+    let mut buf = tokio::select! {
+        biased;
+        _ = ctl.stopped() => return Some(PumpEnd::Stopped),
+        buf = pool.acquire() => buf,
+    };
+    relay.metrics.buffers_in_use.fetch_add(1, Relaxed);
+    let cap = buf.len() - HEADROOM;
+    // From here on the buffer is in flight: every operation is awaited to completion.
+    let (read, b) = match ready {
+        Some(ready) => src.read(ready, buf).await,
+        None => {
+            let n = leftover.len().min(cap);
+            buf[HEADROOM..HEADROOM + n].copy_from_slice(&leftover.split_to(n));
+            (Ok(Some(n)), buf)
+        }
+    };
+    buf = b;
+    let n = match read {
+        Ok(Some(0)) | Err(_) => {
+            release(pool, relay, buf);
+            return Some(PumpEnd::Gone);
+        }
+        Ok(None) => {
+            release(pool, relay, buf);
+            return None;
+        }
+        Ok(Some(n)) => n,
+    };
+    let (out, violation) = match fwd.forward(&mut buf, HEADROOM..HEADROOM + n, |_: Event<'_>| {}) {
+        Ok(out) => (out, None),
+        Err(e) => (e.out.clone(), Some(e.error)),
+    };
+    let mut failed = false;
+    if !out.is_empty() && violation.is_none() {
+        let len = out.len() as u64;
+        let (res, b) = dst.write(buf, out).await;
+        buf = b;
+        failed = res.is_err();
+        if !failed {
+            let counter = match dir {
+                Dir::ToDevice => &relay.metrics.bytes_to_device,
+                Dir::ToClient => &relay.metrics.bytes_to_client,
+            };
+            counter.fetch_add(len, Relaxed);
+            moved.bytes[dir as usize].set(moved.bytes[dir as usize].get() + len);
+            moved.last.set(tokio::time::Instant::now());
+        }
+    }
+    release(pool, relay, buf);
+    if let Some(e) = violation {
+        return Some(PumpEnd::Violation(e));
+    }
+    if failed {
+        // The destination is gone; the other pump will see it too.
+        return Some(PumpEnd::Stopped);
+    }
+    fwd.closed().then_some(PumpEnd::Closed)
+}
+
+/// On the way out, tells the destination why, if a frame of ours can still go there.
+async fn farewell<I: Io, P>(leg: &Leg<'_, I, P>, fwd: &Forwarder, end: &PumpEnd) {
+    let (dir, ctl) = (leg.dir, leg.ctl);
+    let frame = match end {
         PumpEnd::Gone if dir == Dir::ToClient => {
             // A device side that drops without a Close usually means the agent died, and its
             // control connection is about to report it: give that a moment, so the client
@@ -236,12 +256,11 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(
         PumpEnd::Stopped => ctl.farewell.borrow()[dir as usize],
         PumpEnd::Closed => None,
     };
-    if let Some(frame) = farewell {
+    if let Some(frame) = frame {
         if fwd.at_frame_boundary() && !fwd.closed() {
-            let _ = dst.write_small(frame.as_bytes()).await;
+            let _ = leg.dst.write_small(frame.as_bytes()).await;
         }
     }
-    end
 }
 
 fn release<P: Pool>(pool: &P, relay: &Relay, buf: P::Buf) {
@@ -261,8 +280,9 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
 ) -> ConnEnd {
     let limits = &relay.config.limits;
     let moved = Moved::new();
-    let to_device = pump(Dir::ToDevice, &client, &device, client_leftover, pool, ctl, relay, &moved);
-    let to_client = pump(Dir::ToClient, &device, &client, device_leftover, pool, ctl, relay, &moved);
+    let leg = |dir, src, dst| Leg { dir, src, dst, pool, ctl, relay, moved: &moved };
+    let to_device = pump(leg(Dir::ToDevice, &client, &device), client_leftover);
+    let to_client = pump(leg(Dir::ToClient, &device, &client), device_leftover);
     let idle = idle_watch(&moved, ctl, Duration::from_secs(limits.idle_timeout_secs));
     tokio::pin!(to_device, to_client, idle);
     let (first_dir, first) = tokio::select! {
