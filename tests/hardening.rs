@@ -381,3 +381,33 @@ fn sigterm_drains_then_closes_tunnels_with_1001() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_device_side_that_never_arrives_closes_the_client_with_4001_and_paired_tunnels_are_untouched() {
+    let relay = Relay::start("uring", "[limits]\npair_timeout_secs = 1\n");
+    // An agent that takes the relay's requests but never dials back.
+    let mut mute = ws_connect(&format!("ws://{}/api/v1/agent?device={DEVICE_ID}", relay.addr), DEVICE_KEY);
+    mute.send(Message::text(r#"{"type":"hello","services":["echo"],"version":"mute"}"#)).unwrap();
+    relay.wait_device_online(DEVICE_ID, true);
+    let (_, url, token) = relay.start_session("echo", None);
+    let mut ws = ws_connect(&url, &token);
+    let (code, reason) = ws_wait_close(&mut ws, Duration::from_secs(10));
+    assert_eq!(code, 4001, "{reason}");
+    assert!(reason.contains("in time"), "{reason}");
+    drop(mute);
+    relay.wait_device_online(DEVICE_ID, false);
+
+    // A real agent: the tunnel outlives the pairing deadline and can still be closed by the API.
+    let echo = echo_server();
+    let _agent = relay.agent(&[format!("echo={echo}")]);
+    let (id, url, token) = relay.start_session("echo", None);
+    let mut ws = ws_connect(&url, &token);
+    ws.send(Message::binary(b"hi".to_vec())).unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::binary(b"hi".to_vec()));
+    thread::sleep(Duration::from_millis(2000));
+    ws.send(Message::binary(b"still".to_vec())).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::binary(b"still".to_vec()));
+    assert_eq!(http(relay.addr, "DELETE", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None).0, 204);
+    assert_eq!(ws_wait_close(&mut ws, Duration::from_secs(10)).0, 4003);
+}

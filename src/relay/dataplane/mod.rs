@@ -195,6 +195,7 @@ async fn thread_main<B: Backend>(
 
 async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedReceiver<Cmd>, relay: Arc<Relay>) {
     let table: Rc<RefCell<Table<Side<B::Io>>>> = Rc::new(RefCell::new(Table::new()));
+    tokio::task::spawn_local(pair_deadlines::<B>(table.clone(), relay.clone()));
     while let Some(cmd) = rx.recv().await {
         match cmd {
             Cmd::Client { conn, session, stream, leftover } => {
@@ -205,16 +206,9 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                         continue;
                     }
                 };
-                table.borrow_mut().insert(conn, session.clone(), Entry::Pending { client, leftover });
-                let (table, relay) = (table.clone(), relay.clone());
-                tokio::task::spawn_local(async move {
-                    tokio::time::sleep(Duration::from_secs(relay.config.limits.pair_timeout_secs)).await;
-                    let pending = matches!(table.borrow().get(conn), Some(Entry::Pending { .. }));
-                    if pending {
-                        let reason = "device did not open the connection in time";
-                        close_pending::<B>(&table, &relay, conn, CloseCode::SERVICE_UNREACHABLE, reason).await;
-                    }
-                });
+                let mut t = table.borrow_mut();
+                t.insert(conn, session.clone(), Entry::Pending { client, leftover });
+                t.waiting.push_back((tokio::time::Instant::now(), conn));
             }
             Cmd::Device { conn, stream, leftover } => {
                 let Ok(device) = adopt::<B>(stream) else {
@@ -265,6 +259,33 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
     }
 }
 
+/// Closes client connections whose device side did not arrive within `limits.pair_timeout_secs`.
+/// One sweep per worker over the parked connections in arrival order, rather than a timer per
+/// connection.
+async fn pair_deadlines<B: Backend>(table: Rc<RefCell<Table<Side<B::Io>>>>, relay: Arc<Relay>) {
+    let timeout = Duration::from_secs(relay.config.limits.pair_timeout_secs);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        loop {
+            let next = {
+                let mut t = table.borrow_mut();
+                match t.waiting.front() {
+                    Some(&(since, conn)) if now.duration_since(since) >= timeout => {
+                        t.waiting.pop_front();
+                        Some(conn)
+                    }
+                    _ => None,
+                }
+            };
+            let Some(conn) = next else { break };
+            let reason = "device did not open the connection in time";
+            close_pending::<B>(&table, &relay, conn, CloseCode::SERVICE_UNREACHABLE, reason).await;
+        }
+    }
+}
+
 async fn close_pending<B: Backend>(
     table: &RefCell<Table<Side<B::Io>>>,
     relay: &Relay,
@@ -272,7 +293,14 @@ async fn close_pending<B: Backend>(
     code: CloseCode,
     reason: &str,
 ) {
-    let removed = table.borrow_mut().remove(conn);
+    // Only a parked connection: a paired one is closed through its TunnelCtl.
+    let removed = {
+        let mut t = table.borrow_mut();
+        match t.get(conn) {
+            Some(Entry::Pending { .. }) => t.remove(conn),
+            _ => None,
+        }
+    };
     if let Some((session, Entry::Pending { client, .. })) = removed {
         tunnel::refuse(client, code, reason).await;
         relay.conn_ended(&session, conn, ConnEnd::failed(format!("{code} {reason}")));

@@ -368,11 +368,14 @@ pub(crate) enum Entry<I> {
 pub(crate) struct Table<I> {
     pub(crate) slots: slab::Slab<(u64, Arc<str>, Entry<I>)>,
     pub(crate) by_conn: HashMap<u64, usize>,
+    /// Parked client connections in arrival order, for the pairing deadline. An entry whose
+    /// connection was paired or closed meanwhile is skipped when it comes up.
+    pub(crate) waiting: std::collections::VecDeque<(tokio::time::Instant, u64)>,
 }
 
 impl<I> Table<I> {
     pub(crate) fn new() -> Table<I> {
-        Table { slots: slab::Slab::new(), by_conn: HashMap::new() }
+        Table { slots: slab::Slab::new(), by_conn: HashMap::new(), waiting: Default::default() }
     }
 
     pub(crate) fn insert(&mut self, conn: u64, session: Arc<str>, entry: Entry<I>) -> usize {
