@@ -14,14 +14,6 @@ use std::time::Instant;
 
 use util::*;
 
-fn relay_cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 /// A service that sinks what it gets and sends `len` bytes back at the same time.
 fn source_sink(len: u64) -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -97,7 +89,7 @@ fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
         }
     };
     thread::sleep(std::time::Duration::from_millis(300));
-    let cpu0 = relay_cpu_secs(relay.proc.pid());
+    let cpu0 = proc_cpu_secs(relay.proc.pid());
     let began = Instant::now();
     let tcp = TcpStream::connect(local).unwrap();
     let mut w = tcp.try_clone().unwrap();
@@ -109,7 +101,7 @@ fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
     let (_, got) = read_all_sum(&mut r);
     sender.join().unwrap();
     let secs = began.elapsed().as_secs_f64();
-    let cpu = relay_cpu_secs(relay.proc.pid()) - cpu0;
+    let cpu = proc_cpu_secs(relay.proc.pid()) - cpu0;
     assert_eq!(got, len, "short transfer");
     let gb = 2.0 * len as f64 / 1e9;
     (len as f64 / 1e6 / secs, cpu / gb)

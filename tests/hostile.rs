@@ -129,14 +129,7 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
         let (peak, done, pid) = (peak_rss.clone(), done.clone(), relay.proc.pid());
         thread::spawn(move || {
             while !done.load(Relaxed) {
-                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                    let rss = status
-                        .lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                        .unwrap_or(0);
-                    peak.fetch_max(rss, Relaxed);
-                }
+                peak.fetch_max(proc_rss_kib(pid), Relaxed);
                 thread::sleep(Duration::from_millis(50));
             }
         })
