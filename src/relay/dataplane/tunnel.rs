@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::relay::state::ConnEnd;
 use crate::relay::Relay;
@@ -85,26 +85,43 @@ pub(crate) enum PumpEnd {
 
 /// Shared by a tunnel's two pumps and whoever may close it from outside.
 pub(crate) struct TunnelCtl {
-    /// Flips to true once; both pumps race their readiness and buffer waits against it.
-    stop: watch::Sender<bool>,
-    /// The Close frame each pump writes to its destination on its way out (index: [`Dir`]).
-    farewell: RefCell<[Option<ControlFrame>; 2]>,
+    /// Set once; both pumps race their readiness and buffer waits against it (`stopped`).
+    stopping: Cell<bool>,
+    /// Wakes whoever waits in `stopped` when `stopping` is set.
+    wake: Notify,
+    /// The Close frame each pump writes to its destination on its way out (index: [`Dir`]);
+    /// boxed so an idle tunnel does not carry two empty 127-byte frames.
+    farewell: RefCell<[Option<Box<ControlFrame>>; 2]>,
     /// Why the relay stopped the tunnel, for the audit log.
     why: RefCell<Option<String>>,
 }
 
 impl TunnelCtl {
     pub(crate) fn new() -> TunnelCtl {
-        TunnelCtl { stop: watch::Sender::new(false), farewell: RefCell::new([None, None]), why: RefCell::new(None) }
+        TunnelCtl {
+            stopping: Cell::new(false),
+            wake: Notify::new(),
+            farewell: RefCell::new([None, None]),
+            why: RefCell::new(None),
+        }
     }
 
     /// Asks both pumps to stop, each first sending its farewell frame if it has one (the first
     /// stop's farewells win).
     pub(crate) fn stop(&self, to_device: Option<ControlFrame>, to_client: Option<ControlFrame>) {
         let mut f = self.farewell.borrow_mut();
-        f[0] = f[0].or(to_device);
-        f[1] = f[1].or(to_client);
-        self.stop.send_replace(true);
+        if f[0].is_none() {
+            f[0] = to_device.map(Box::new);
+        }
+        if f[1].is_none() {
+            f[1] = to_client.map(Box::new);
+        }
+        self.stopping.set(true);
+        self.wake.notify_waiters();
+    }
+
+    fn farewell(&self, dir: Dir) -> Option<ControlFrame> {
+        self.farewell.borrow()[dir as usize].as_deref().copied()
     }
 
     /// Closes both sides with the same code and reason.
@@ -114,9 +131,18 @@ impl TunnelCtl {
         self.stop(Some(frame), Some(frame));
     }
 
+    /// Resolves once the tunnel is told to stop. Cancel-safe.
     async fn stopped(&self) {
-        let mut rx = self.stop.subscribe();
-        let _ = rx.wait_for(|stopped| *stopped).await;
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            // Register before checking the flag, so a stop between the two is not missed.
+            notified.as_mut().enable();
+            if self.stopping.get() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -247,13 +273,13 @@ async fn farewell<I: Io, P>(leg: &Leg<'_, I, P>, fwd: &Forwarder, end: &PumpEnd)
             // control connection is about to report it: give that a moment, so the client
             // hears 4004 (device offline) rather than a bare 1001.
             let _ = tokio::time::timeout(AGENT_LOSS_GRACE, ctl.stopped()).await;
-            ctl.farewell.borrow()[dir as usize].or(Some(encode::close(CloseCode::GOING_AWAY, "device disconnected")))
+            ctl.farewell(dir).or(Some(encode::close(CloseCode::GOING_AWAY, "device disconnected")))
         }
         PumpEnd::Gone => Some(encode::close(CloseCode::GOING_AWAY, &format!("{} disconnected", dir.source()))),
         PumpEnd::Violation(e) => {
             Some(encode::close(CloseCode::GOING_AWAY, &format!("{} broke the protocol: {e}", dir.source())))
         }
-        PumpEnd::Stopped => ctl.farewell.borrow()[dir as usize],
+        PumpEnd::Stopped => ctl.farewell(dir),
         PumpEnd::Closed => None,
     };
     if let Some(frame) = frame {
