@@ -344,14 +344,14 @@ mod tests {
 
     #[test]
     fn credentials_may_be_stored_as_sha256() {
-        // printf %s op-secret | sha256sum
-        let hash = "4c70c0a1fb3f8e1c1d1d3bd7a7fa1f6e2c4aa8b9c1d5a0fd0a5f8d0ea37c7b0e";
+        // A well-formed SHA-256 of something else: parses, but matches nothing.
+        let other_hash = "4c70c0a1fb3f8e1c1d1d3bd7a7fa1f6e2c4aa8b9c1d5a0fd0a5f8d0ea37c7b0e";
         let real = Sha256::digest(b"op-secret").iter().map(|b| format!("{b:02x}")).collect::<String>();
         let text = format!("[[operator]]\nname = \"ops\"\ntoken_sha256 = \"{real}\"\n");
         let c = Config::parse(&text).unwrap();
         assert!(c.operator("op-secret").is_some());
         assert!(c.operator(&real).is_none(), "the hash itself is not a credential");
-        let wrong = format!("[[operator]]\nname = \"ops\"\ntoken_sha256 = \"{hash}\"\n");
+        let wrong = format!("[[operator]]\nname = \"ops\"\ntoken_sha256 = \"{other_hash}\"\n");
         assert!(Config::parse(&wrong).unwrap().operator("op-secret").is_none());
         let both = format!("[[operator]]\nname = \"ops\"\ntoken = \"op-secret\"\ntoken_sha256 = \"{real}\"\n");
         assert!(format!("{:#}", Config::parse(&both).unwrap_err()).contains("not both"));

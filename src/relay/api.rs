@@ -157,19 +157,17 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
             let id = id.to_string();
             device_upgrade(req, relay, id).await
         }
-        (_, ["api", "v1", ..]) => {
-            operator_api(req, relay, peer, segments.iter().map(|s| s.to_string()).collect()).await
-        }
+        (_, ["api", "v1", ..]) => operator_api(req, relay, peer, &segments).await,
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
 
-async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr, segments: Vec<String>) -> Resp {
+async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr, segs: &[&str]) -> Resp {
     let Some(operator) = bearer(&req).and_then(|t| relay.config.operator(t)).map(|o| o.name.clone()) else {
         relay.metrics.handshake_failed(HandshakeFailure::BadToken);
         return error(StatusCode::UNAUTHORIZED, "invalid credentials");
     };
-    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+
     match (req.method().clone(), &segs[2..]) {
         (Method::POST, ["sessions"]) => {
             let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
