@@ -40,6 +40,9 @@ fn frames(size: usize, count: usize) -> (Arc<Vec<u8>>, Arc<Vec<u8>>) {
     (Arc::new(masked), Arc::new(plain))
 }
 
+/// Every backend the relay has, each measured in every scenario.
+const RELAYS: [Path; 3] = [Path::Relay("epoll"), Path::Relay("uring"), Path::Relay("ring")];
+
 /// How the load reaches its far end: through the relay, directly, or through the splice relay.
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
@@ -51,7 +54,8 @@ enum Path {
 impl Path {
     fn name(self) -> &'static str {
         match self {
-            Path::Relay("uring") => "relay io_uring",
+            Path::Relay("uring") => "relay tokio-uring",
+            Path::Relay("ring") => "relay io_uring",
             Path::Relay(_) => "relay epoll",
             Path::Direct => "direct TCP",
             Path::Splice => "splice relay",
@@ -396,12 +400,12 @@ async fn run_density(opts: &Opts, secs: f64) {
         println!("(RLIMIT_NOFILE hard limit {fd_limit} here: at most {most} idle tunnels)");
     }
     println!("\ndensity: idle tunnels, then 10 busy tunnels among them");
-    println!("{:<16} {:>8} {:>16} {:>14} {:>16}", "path", "idle", "KiB per idle", "busy GB/s", "vs busy alone");
-    for path in [Path::Relay("epoll"), Path::Relay("uring")] {
+    println!("{:<18} {:>8} {:>16} {:>14} {:>16}", "path", "idle", "KiB per idle", "busy GB/s", "vs busy alone");
+    for path in RELAYS {
         for &idle in &densities {
             let mut rig = Rig::new(path).await;
             let (per, ratio, gbps) = density(&mut rig, idle, secs, opts).await;
-            println!("{:<16} {:>8} {:>16.2} {:>14.2} {:>15.2}x", path.name(), idle, per, gbps, ratio);
+            println!("{:<18} {:>8} {:>16.2} {:>14.2} {:>15.2}x", path.name(), idle, per, gbps, ratio);
         }
     }
 }
@@ -521,7 +525,7 @@ async fn run(opts: Opts) {
     if std::env::var("RINGWAY_BENCH_ONLY").as_deref() == Ok("density") {
         return run_density(&opts, secs).await;
     }
-    let paths = [Path::Direct, Path::Splice, Path::Relay("epoll"), Path::Relay("uring")];
+    let paths = [Path::Direct, Path::Splice, RELAYS[0], RELAYS[1], RELAYS[2]];
     println!(
         "ringway load benchmark ({}; relay: 1 worker pinned to CPU 1; load pinned to CPU 0{})",
         if opts.quick { "quick" } else { "full" },
@@ -530,7 +534,7 @@ async fn run(opts: Opts) {
 
     for size in [16 << 10, 64 << 10] {
         println!("\nbulk, 1 tunnel, {} KiB frames, both directions", size >> 10);
-        println!("{:<16} {:>9} {:>10} {:>13} {:>9}", "path", "GB/s", "vs epoll", "CPU s per GB", "RSS MB");
+        println!("{:<18} {:>9} {:>10} {:>13} {:>9}", "path", "GB/s", "vs epoll", "CPU s per GB", "RSS MB");
         let mut rows = Vec::new();
         for path in paths {
             let mut rig = Rig::new(path).await;
@@ -539,10 +543,10 @@ async fn run(opts: Opts) {
         let base = rows.iter().find(|(p, _)| *p == Path::Relay("epoll")).map(|(_, b)| b.gbps).unwrap();
         for (path, b) in &rows {
             if *path == Path::Direct {
-                println!("{:<16} {:>9.2} {:>9.2}x {:>13} {:>9}", path.name(), b.gbps, b.gbps / base, "-", "-");
+                println!("{:<18} {:>9.2} {:>9.2}x {:>13} {:>9}", path.name(), b.gbps, b.gbps / base, "-", "-");
             } else {
                 println!(
-                    "{:<16} {:>9.2} {:>9.2}x {:>13.2} {:>9.1}",
+                    "{:<18} {:>9.2} {:>9.2}x {:>13.2} {:>9.1}",
                     path.name(),
                     b.gbps,
                     b.gbps / base,
@@ -555,18 +559,18 @@ async fn run(opts: Opts) {
 
     println!("\nbulk, {busy} busy tunnels, 16 KiB frames, both directions");
     println!(
-        "{:<16} {:>9} {:>10} {:>17} {:>8} {:>9}",
+        "{:<18} {:>9} {:>10} {:>17} {:>8} {:>9}",
         "path", "GB/s", "vs epoll", "slowest/fastest", "starved", "RSS MB"
     );
     let mut rows = Vec::new();
-    for path in [Path::Relay("epoll"), Path::Relay("uring")] {
+    for path in RELAYS {
         let mut rig = Rig::new(path).await;
         rows.push((path, bulk(&mut rig, busy, 16 << 10, secs * 2.0, &opts).await));
     }
     let base = rows[0].1.gbps;
     for (path, b) in &rows {
         println!(
-            "{:<16} {:>9.2} {:>9.2}x {:>17.3} {:>8} {:>9.1}",
+            "{:<18} {:>9.2} {:>9.2}x {:>17.3} {:>8} {:>9.1}",
             path.name(),
             b.gbps,
             b.gbps / base,
@@ -578,7 +582,7 @@ async fn run(opts: Opts) {
 
     println!("\nsmall messages: 64 B request/response, 1 tunnel, {rounds} round trips");
     println!(
-        "{:<16} {:>12} {:>9} {:>9} {:>9} {:>16}",
+        "{:<18} {:>12} {:>9} {:>9} {:>9} {:>16}",
         "path", "round trips/s", "p50 µs", "p99 µs", "p99.9 µs", "p99 vs splice"
     );
     let mut rows = Vec::new();
@@ -589,7 +593,7 @@ async fn run(opts: Opts) {
     let splice_p99 = rows.iter().find(|(p, _)| *p == Path::Splice).map(|(_, r)| r.2).unwrap();
     for (path, (rps, p50, p99, p999)) in &rows {
         println!(
-            "{:<16} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>15.2}x",
+            "{:<18} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>15.2}x",
             path.name(),
             rps,
             p50,
@@ -603,9 +607,9 @@ async fn run(opts: Opts) {
 
     let n = if opts.quick { 200 } else { 2_000 };
     println!("\nsession churn: start session + pair a connection + first byte, {n} times");
-    println!("{:<16} {:>12}", "path", "per second");
-    for path in [Path::Relay("epoll"), Path::Relay("uring")] {
+    println!("{:<18} {:>12}", "path", "per second");
+    for path in RELAYS {
         let mut rig = Rig::new(path).await;
-        println!("{:<16} {:>12.0}", path.name(), churn(&mut rig, n).await);
+        println!("{:<18} {:>12.0}", path.name(), churn(&mut rig, n).await);
     }
 }

@@ -58,7 +58,7 @@ fn bulk_each_way(backend: &str) {
 
 #[test]
 fn bulk_256_mib_each_way_is_byte_exact_on_io_uring() {
-    bulk_each_way("uring");
+    bulk_each_way("ring");
 }
 
 #[test]
@@ -96,7 +96,7 @@ fn concurrent_connections(backend: &str) {
 
 #[test]
 fn fifty_concurrent_connections_through_one_session_are_each_byte_exact() {
-    concurrent_connections("uring");
+    concurrent_connections("ring");
 }
 
 #[test]
@@ -106,7 +106,7 @@ fn fifty_concurrent_connections_on_epoll() {
 
 #[test]
 fn the_control_api_lists_shows_and_closes_sessions() {
-    let relay = Relay::start("uring", "");
+    let relay = Relay::start("ring", "");
     let echo = echo_server();
     let _agent = relay.agent(&[format!("echo={echo}")]);
 

@@ -59,13 +59,12 @@ impl Running {
 /// Chooses the backend: the one asked for, else io_uring if this process may use it.
 pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind> {
     match forced {
-        Some(BackendKind::Uring) => {
-            dataplane::probe().context("--backend uring: this process cannot create an io_uring")?;
-            Ok(BackendKind::Uring)
+        Some(kind) => {
+            dataplane::probe(kind).with_context(|| format!("--backend {kind}: this process cannot run it"))?;
+            Ok(kind)
         }
-        Some(BackendKind::Epoll) => Ok(BackendKind::Epoll),
-        None => match dataplane::probe() {
-            Ok(()) => Ok(BackendKind::Uring),
+        None => match dataplane::probe(BackendKind::Ring) {
+            Ok(()) => Ok(BackendKind::Ring),
             Err(e) => {
                 tracing::warn!("io_uring is unavailable ({e}); using the epoll backend");
                 Ok(BackendKind::Epoll)

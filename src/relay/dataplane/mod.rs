@@ -11,6 +11,7 @@
 //! socket (with the bytes hyper read past the request) to the owner worker as a [`Cmd`].
 
 mod epoll;
+mod ring;
 mod tls;
 mod tunnel;
 mod uring;
@@ -35,6 +36,8 @@ use tunnel::{Entry, Table, TunnelCtl};
 pub enum BackendKind {
     /// io_uring through tokio-uring, with a registered fixed-buffer pool.
     Uring,
+    /// io_uring driven directly (io-uring crate): provided buffer ring, receives armed in the kernel.
+    Ring,
     /// tokio on epoll, readiness first, with a shared buffer pool.
     Epoll,
 }
@@ -42,15 +45,20 @@ pub enum BackendKind {
 impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            BackendKind::Uring => "io_uring",
+            BackendKind::Uring => "tokio-uring",
+            BackendKind::Ring => "io_uring",
             BackendKind::Epoll => "epoll",
         })
     }
 }
 
-/// Whether this process may create an io_uring; `Err` says why not.
-pub fn probe() -> io::Result<()> {
-    tokio_uring::uring_builder().build(8).map(drop)
+/// Whether this process may run `kind`; `Err` says why not.
+pub fn probe(kind: BackendKind) -> io::Result<()> {
+    match kind {
+        BackendKind::Uring => tokio_uring::uring_builder().build(8).map(drop),
+        BackendKind::Ring => ring::probe(),
+        BackendKind::Epoll => Ok(()),
+    }
 }
 
 /// An upgraded data connection as it leaves hyper.
@@ -106,6 +114,16 @@ impl<I: tunnel::Io> tunnel::Io for Side<I> {
         match self {
             Side::Plain(io) => io.readable().await.map(SideReady::Plain),
             Side::Tls(io) => io.readable().await.map(|()| SideReady::Tls),
+        }
+    }
+
+    fn held<'a>(ready: &mut SideReady<'a, I>) -> Option<I::Buf>
+    where
+        Self: 'a,
+    {
+        match ready {
+            SideReady::Plain(r) => I::held(r),
+            SideReady::Tls => None,
         }
     }
 
@@ -168,6 +186,18 @@ pub fn run_worker(
             let pool = Rc::new(uring::UringPool::new(dp.buffers, dp.buffer_size, index));
             thread_main::<uring::Uring>(index, pool, listener, rx, relay).await
         }),
+        BackendKind::Ring => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(ring::Driver::before_park)
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let (pool, driver) = ring::Driver::install(dp.buffers, dp.buffer_size)?;
+                tokio::task::spawn_local(driver);
+                thread_main::<ring::Ring>(index, pool, listener, rx, relay).await
+            })
+        }
         BackendKind::Epoll => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let local = tokio::task::LocalSet::new();

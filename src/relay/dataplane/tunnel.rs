@@ -41,6 +41,14 @@ pub(crate) trait Io {
         Self: 'a;
     /// Waits until the socket has bytes (or EOF) to read. Cancel-safe: no buffer, no IO.
     async fn readable(&self) -> io::Result<Self::Ready<'_>>;
+    /// The buffer the readiness wait already filled or was handed, for a backend whose kernel
+    /// picks the buffer; `None` means `read` needs one from the pool.
+    fn held<'a>(_ready: &mut Self::Ready<'a>) -> Option<Self::Buf>
+    where
+        Self: 'a,
+    {
+        None
+    }
     /// Reads into `buf[HEADROOM..]`. `Ok(None)`: the readiness was stale, nothing was read.
     async fn read<'a>(&'a self, ready: Self::Ready<'a>, buf: Self::Buf) -> (io::Result<Option<usize>>, Self::Buf);
     /// Writes all of `buf[range]`.
@@ -205,10 +213,14 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
     leftover: &mut Bytes,
 ) -> Option<PumpEnd> {
     let Leg { dir, src, dst, pool, ctl, relay, moved } = *leg;
-    let mut buf = tokio::select! {
-        biased;
-        _ = ctl.stopped() => return Some(PumpEnd::Stopped),
-        buf = pool.acquire() => buf,
+    let mut ready = ready;
+    let mut buf = match ready.as_mut().and_then(I::held) {
+        Some(buf) => buf,
+        None => tokio::select! {
+            biased;
+            _ = ctl.stopped() => return Some(PumpEnd::Stopped),
+            buf = pool.acquire() => buf,
+        },
     };
     relay.metrics.buffers_in_use.fetch_add(1, Relaxed);
     let cap = buf.len() - HEADROOM;
