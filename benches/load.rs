@@ -122,9 +122,14 @@ impl Rig {
         };
         match path {
             Path::Relay(backend) => {
+                // RINGWAY_BENCH_DATAPLANE: extra `[dataplane]` keys, e.g. "buffers = 64".
+                let extra = std::env::var("RINGWAY_BENCH_DATAPLANE").unwrap_or_default().replace(';', "\n");
                 let relay = Relay::start(
                     backend,
-                    "[dataplane]\nworkers = 1\n[limits]\nmax_connections_per_session = 1000000\nmax_handshakes = 100000\n",
+                    &format!(
+                        "[dataplane]\nworkers = 1\n{extra}\n[limits]\nmax_connections_per_session = 1000000\n\
+                         max_handshakes = 100000\n"
+                    ),
                 );
                 pin_to(1, relay.proc.pid());
                 let url = ringway::peer::RelayUrl::parse(&relay.url()).unwrap();
@@ -389,7 +394,7 @@ async fn density(rig: &mut Rig, idle: usize, secs: f64, opts: &Opts) -> (f64, f6
     (per, among / alone, among)
 }
 
-async fn run_density(opts: &Opts, secs: f64) {
+async fn run_density(relays: &[Path], opts: &Opts, secs: f64) {
     // Each idle tunnel takes 2 descriptors here and 2 in the relay (which inherits our limit).
     let fd_limit = nofile_limit();
     let most = (fd_limit.saturating_sub(500) / 2) as usize;
@@ -401,7 +406,7 @@ async fn run_density(opts: &Opts, secs: f64) {
     }
     println!("\ndensity: idle tunnels, then 10 busy tunnels among them");
     println!("{:<18} {:>8} {:>16} {:>14} {:>16}", "path", "idle", "KiB per idle", "busy GB/s", "vs busy alone");
-    for path in RELAYS {
+    for &path in relays {
         for &idle in &densities {
             let mut rig = Rig::new(path).await;
             let (per, ratio, gbps) = density(&mut rig, idle, secs, opts).await;
@@ -522,10 +527,8 @@ async fn run(opts: Opts) {
     let secs = if opts.quick { 1.0 } else { 4.0 };
     let busy = if opts.quick { 100 } else { 1000 };
     let rounds = if opts.quick { 2_000 } else { 20_000 };
-    if std::env::var("RINGWAY_BENCH_ONLY").as_deref() == Ok("density") {
-        return run_density(&opts, secs).await;
-    }
-    let paths = [Path::Direct, Path::Splice, RELAYS[0], RELAYS[1], RELAYS[2]];
+    let paths = selected(&[Path::Direct, Path::Splice, RELAYS[0], RELAYS[1], RELAYS[2]]);
+    let relays = selected(&RELAYS);
     println!(
         "ringway load benchmark ({}; relay: 1 worker pinned to CPU 1; load pinned to CPU 0{})",
         if opts.quick { "quick" } else { "full" },
@@ -533,14 +536,17 @@ async fn run(opts: Opts) {
     );
 
     for size in [16 << 10, 64 << 10] {
+        if !scenario("bulk") {
+            break;
+        }
         println!("\nbulk, 1 tunnel, {} KiB frames, both directions", size >> 10);
         println!("{:<18} {:>9} {:>10} {:>13} {:>9}", "path", "GB/s", "vs epoll", "CPU s per GB", "RSS MB");
         let mut rows = Vec::new();
-        for path in paths {
+        for &path in &paths {
             let mut rig = Rig::new(path).await;
             rows.push((path, bulk(&mut rig, 1, size, secs, &opts).await));
         }
-        let base = rows.iter().find(|(p, _)| *p == Path::Relay("epoll")).map(|(_, b)| b.gbps).unwrap();
+        let base = rows.iter().find(|(p, _)| *p == Path::Relay("epoll")).map_or(f64::NAN, |(_, b)| b.gbps);
         for (path, b) in &rows {
             if *path == Path::Direct {
                 println!("{:<18} {:>9.2} {:>9.2}x {:>13} {:>9}", path.name(), b.gbps, b.gbps / base, "-", "-");
@@ -557,15 +563,53 @@ async fn run(opts: Opts) {
         }
     }
 
+    if scenario("busy") {
+        busy_tunnels(&relays, busy, secs, &opts).await;
+    }
+    if scenario("rtt") {
+        round_trips(&paths, rounds).await;
+    }
+    if scenario("density") {
+        run_density(&relays, &opts, secs).await;
+    }
+    if scenario("churn") {
+        let n = if opts.quick { 200 } else { 2_000 };
+        println!("\nsession churn: start session + pair a connection + first byte, {n} times");
+        println!("{:<18} {:>12}", "path", "per second");
+        for &path in &relays {
+            let mut rig = Rig::new(path).await;
+            println!("{:<18} {:>12.0}", path.name(), churn(&mut rig, n).await);
+        }
+    }
+}
+
+/// Whether `RINGWAY_BENCH_ONLY` (a comma-separated list of bulk, busy, rtt, density, churn)
+/// selects this scenario; all run when it is unset.
+fn scenario(name: &str) -> bool {
+    std::env::var("RINGWAY_BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == name))
+}
+
+/// The paths `RINGWAY_BENCH_PATHS` (comma-separated: direct, splice, epoll, uring, ring) keeps.
+fn selected(paths: &[Path]) -> Vec<Path> {
+    let Ok(only) = std::env::var("RINGWAY_BENCH_PATHS") else { return paths.to_vec() };
+    let key = |p: &Path| match p {
+        Path::Direct => "direct",
+        Path::Splice => "splice",
+        Path::Relay(b) => b,
+    };
+    paths.iter().copied().filter(|p| only.split(',').any(|s| s.trim() == key(p))).collect()
+}
+
+async fn busy_tunnels(relays: &[Path], busy: usize, secs: f64, opts: &Opts) {
     println!("\nbulk, {busy} busy tunnels, 16 KiB frames, both directions");
     println!(
         "{:<18} {:>9} {:>10} {:>17} {:>8} {:>9}",
         "path", "GB/s", "vs epoll", "slowest/fastest", "starved", "RSS MB"
     );
     let mut rows = Vec::new();
-    for path in RELAYS {
+    for &path in relays {
         let mut rig = Rig::new(path).await;
-        rows.push((path, bulk(&mut rig, busy, 16 << 10, secs * 2.0, &opts).await));
+        rows.push((path, bulk(&mut rig, busy, 16 << 10, secs * 2.0, opts).await));
     }
     let base = rows[0].1.gbps;
     for (path, b) in &rows {
@@ -579,18 +623,20 @@ async fn run(opts: Opts) {
             b.rss_mb
         );
     }
+}
 
+async fn round_trips(paths: &[Path], rounds: usize) {
     println!("\nsmall messages: 64 B request/response, 1 tunnel, {rounds} round trips");
     println!(
         "{:<18} {:>12} {:>9} {:>9} {:>9} {:>16}",
         "path", "round trips/s", "p50 µs", "p99 µs", "p99.9 µs", "p99 vs splice"
     );
     let mut rows = Vec::new();
-    for path in paths {
+    for &path in paths {
         let mut rig = Rig::new(path).await;
         rows.push((path, rtt(&mut rig, rounds).await));
     }
-    let splice_p99 = rows.iter().find(|(p, _)| *p == Path::Splice).map(|(_, r)| r.2).unwrap();
+    let splice_p99 = rows.iter().find(|(p, _)| *p == Path::Splice).map_or(f64::NAN, |(_, r)| r.2);
     for (path, (rps, p50, p99, p999)) in &rows {
         println!(
             "{:<18} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>15.2}x",
@@ -601,15 +647,5 @@ async fn run(opts: Opts) {
             p999,
             p99 / splice_p99
         );
-    }
-
-    run_density(&opts, secs).await;
-
-    let n = if opts.quick { 200 } else { 2_000 };
-    println!("\nsession churn: start session + pair a connection + first byte, {n} times");
-    println!("{:<18} {:>12}", "path", "per second");
-    for path in RELAYS {
-        let mut rig = Rig::new(path).await;
-        println!("{:<18} {:>12.0}", path.name(), churn(&mut rig, n).await);
     }
 }

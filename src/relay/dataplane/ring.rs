@@ -8,11 +8,16 @@
 //! Receives pick their buffer from a provided buffer ring, so an idle direction holds no buffer:
 //! it has one receive armed in the kernel, nothing else. The codec rewrites the kernel-chosen
 //! buffer in place and the send is issued from that same buffer. A direction holds at most one
-//! buffer (one read→forward→write cycle at a time). When the ring runs dry a receive fails with
-//! ENOBUFS; the direction then queues, and buffers coming back are handed to queued directions
-//! first come, first served (a plain receive into the handed buffer) before any returns to the
-//! ring. A dropped operation is cancelled in the kernel (`AsyncCancel`); whatever it owned is
-//! kept until its completion arrives.
+//! buffer (one read→forward→write cycle at a time).
+//!
+//! The kernel's ring hands out the buffer that has waited longest, which is the cache-coldest
+//! one. So the ring is kept only as deep as the load needs (twice the buffers in use, at least
+//! [`MIN_DEPTH`]); the other free buffers wait in a last-in-first-out stack. A receive that finds
+//! the ring empty fails with ENOBUFS; the direction then takes the warmest buffer from the stack
+//! or, when none is free, queues, and buffers coming back are handed to queued directions first
+//! come, first served (a plain receive into the handed buffer) before any returns to the ring.
+//! A dropped operation is cancelled in the kernel (`AsyncCancel`); whatever it owned is kept
+//! until its completion arrives.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -35,6 +40,8 @@ use crate::ws::HEADROOM;
 
 /// The buffer group every receive selects from.
 const GROUP: u16 = 0;
+/// The kernel ring's least depth, whatever the load.
+const MIN_DEPTH: usize = 8;
 /// `user_data` of cancellations, whose completions nobody waits for.
 const CANCEL: u64 = u64::MAX;
 
@@ -166,8 +173,7 @@ impl Driver {
             let pending = ring.submission().len();
             if pending > 0 || ring.submission().taskrun() || !ring.completion().is_empty() {
                 // SAFETY: a plain io_uring_enter with no extra argument.
-                let res =
-                    unsafe { ring.submitter().enter::<libc::sigset_t>(pending as u32, 0, GETEVENTS, None) };
+                let res = unsafe { ring.submitter().enter::<libc::sigset_t>(pending as u32, 0, GETEVENTS, None) };
                 if let Err(e) = res {
                     if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
                         tracing::error!("io_uring_enter failed: {e}");
@@ -340,6 +346,10 @@ pub(crate) struct BufPool {
     tail: Cell<u16>,
     /// Buffers in the kernel's ring, as far as reaped completions tell.
     in_ring: Cell<usize>,
+    /// Free buffers outside the ring, most recently returned last.
+    stack: RefCell<Vec<u16>>,
+    /// Buffers checked out to directions.
+    in_use: Cell<usize>,
     line: RefCell<VecDeque<Rc<Turn>>>,
 }
 
@@ -357,13 +367,19 @@ impl BufPool {
             entries: entries as u16,
             tail: Cell::new(0),
             in_ring: Cell::new(0),
+            stack: RefCell::new(Vec::with_capacity(count)),
+            in_use: Cell::new(0),
             line: RefCell::new(VecDeque::new()),
         };
         // SAFETY: the ring memory is page aligned, `entries` long, and lives as long as the pool,
         // which outlives the ring (the driver holds both and drops the ring first).
         unsafe { ring.submitter().register_buf_ring_with_flags(ring_mem.as_ptr() as u64, entries as u16, GROUP, 0) }?;
-        for id in 0..count {
-            pool.to_ring(id as u16);
+        for id in (0..count).rev() {
+            if pool.in_ring.get() < MIN_DEPTH {
+                pool.to_ring(id as u16);
+            } else {
+                pool.stack.borrow_mut().push(id as u16);
+            }
         }
         Ok(pool)
     }
@@ -374,9 +390,16 @@ impl BufPool {
         unsafe { self.base.as_ptr().add(id as usize * self.size) }
     }
 
-    /// Takes ownership of a buffer the kernel picked for a receive.
+    /// Takes ownership of a buffer the kernel picked for a receive (or the stack or line gave).
     fn take(self: &Rc<Self>, id: u16) -> Buf {
+        self.in_use.set(self.in_use.get() + 1);
         Buf::Pooled { pool: self.clone(), id }
+    }
+
+    /// The warmest free buffer outside the ring, if any.
+    fn pop(self: &Rc<Self>) -> Option<Buf> {
+        let id = self.stack.borrow_mut().pop()?;
+        Some(self.take(id))
     }
 
     fn to_ring(&self, id: u16) {
@@ -397,6 +420,13 @@ impl BufPool {
     }
 
     fn give_back(&self, id: u16) {
+        self.in_use.set(self.in_use.get() - 1);
+        self.route(id);
+    }
+
+    /// A free buffer goes to the first direction in line, else to the ring if the ring is
+    /// shallower than the load needs, else onto the stack.
+    fn route(&self, id: u16) {
         let mut line = self.line.borrow_mut();
         while let Some(turn) = line.pop_front() {
             // A turn whose waiter left holds the only other reference: skip it.
@@ -409,7 +439,11 @@ impl BufPool {
             }
         }
         drop(line);
-        self.to_ring(id);
+        if self.in_ring.get() < (2 * self.in_use.get()).max(MIN_DEPTH) {
+            self.to_ring(id);
+        } else {
+            self.stack.borrow_mut().push(id);
+        }
     }
 
     /// Waits in line for a buffer coming back. Cancel-safe: a buffer handed to a waiter that
@@ -419,7 +453,7 @@ impl BufPool {
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
                 if let Some(id) = self.1.buf.take() {
-                    self.0.give_back(id);
+                    self.0.route(id);
                 }
             }
         }
@@ -523,6 +557,9 @@ impl Io for RingIo {
                 0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                 n if n > 0 => return Ok(RingReady::Filled(buf, n as usize)),
                 e if -e == libc::ENOBUFS => {
+                    if let Some(buf) = pool.pop() {
+                        return Ok(RingReady::Handed(Some(buf)));
+                    }
                     if pool.in_ring.get() == 0 || !pool.line.borrow().is_empty() {
                         return Ok(RingReady::Handed(Some(pool.wait_turn().await)));
                     }
