@@ -41,7 +41,7 @@ fn frames(size: usize, count: usize) -> (Arc<Vec<u8>>, Arc<Vec<u8>>) {
 }
 
 /// Every backend the relay has, each measured in every scenario.
-const RELAYS: [Path; 3] = [Path::Relay("epoll"), Path::Relay("uring"), Path::Relay("ring")];
+const RELAYS: [Path; 2] = [Path::Relay("epoll"), Path::Relay("uring")];
 
 /// How the load reaches its far end: through the relay, directly, or through the splice relay.
 #[derive(Clone, Copy, PartialEq)]
@@ -54,8 +54,7 @@ enum Path {
 impl Path {
     fn name(self) -> &'static str {
         match self {
-            Path::Relay("uring") => "relay tokio-uring",
-            Path::Relay("ring") => "relay io_uring",
+            Path::Relay("uring") => "relay io_uring",
             Path::Relay(_) => "relay epoll",
             Path::Direct => "direct TCP",
             Path::Splice => "splice relay",
@@ -527,7 +526,7 @@ async fn run(opts: Opts) {
     let secs = if opts.quick { 1.0 } else { 4.0 };
     let busy = if opts.quick { 100 } else { 1000 };
     let rounds = if opts.quick { 2_000 } else { 20_000 };
-    let paths = selected(&[Path::Direct, Path::Splice, RELAYS[0], RELAYS[1], RELAYS[2]]);
+    let paths = selected(&[Path::Direct, Path::Splice, RELAYS[0], RELAYS[1]]);
     let relays = selected(&RELAYS);
     println!(
         "ringway load benchmark ({}; relay: 1 worker pinned to CPU 1; load pinned to CPU 0{})",
@@ -589,7 +588,7 @@ fn scenario(name: &str) -> bool {
     std::env::var("RINGWAY_BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == name))
 }
 
-/// The paths `RINGWAY_BENCH_PATHS` (comma-separated: direct, splice, epoll, uring, ring) keeps.
+/// The paths `RINGWAY_BENCH_PATHS` (comma-separated: direct, splice, epoll, uring) keeps.
 fn selected(paths: &[Path]) -> Vec<Path> {
     let Ok(only) = std::env::var("RINGWAY_BENCH_PATHS") else { return paths.to_vec() };
     let key = |p: &Path| match p {

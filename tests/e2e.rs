@@ -58,7 +58,7 @@ fn bulk_each_way(backend: &str) {
 
 #[test]
 fn bulk_256_mib_each_way_is_byte_exact_on_io_uring() {
-    bulk_each_way("ring");
+    bulk_each_way("uring");
 }
 
 #[test]
@@ -66,8 +66,8 @@ fn bulk_256_mib_each_way_is_byte_exact_on_epoll() {
     bulk_each_way("epoll");
 }
 
-fn concurrent_connections(backend: &str) {
-    let relay = Relay::start(backend, "");
+fn concurrent_connections(backend: &str, extra_config: &str) {
+    let relay = Relay::start(backend, extra_config);
     let echo = echo_server();
     let _agent = relay.agent(&[format!("echo={echo}")]);
     let (_connect, local) = relay.connect("echo", &[]);
@@ -92,21 +92,29 @@ fn concurrent_connections(backend: &str) {
         let (sent, got) = w.join().unwrap();
         assert_eq!(got, sent, "connection {i}: echo differs ({} of {} bytes)", got.1, sent.1);
     }
+    assert_eq!(relay.metric("ringway_buffers_in_use"), 0);
 }
 
 #[test]
 fn fifty_concurrent_connections_through_one_session_are_each_byte_exact() {
-    concurrent_connections("ring");
+    concurrent_connections("uring", "");
+}
+
+/// 100 directions share 3 buffers: receives find the kernel's ring empty, wait in line and are
+/// handed buffers coming back; every byte still arrives, in order.
+#[test]
+fn fifty_connections_through_three_buffers_are_each_byte_exact_on_io_uring() {
+    concurrent_connections("uring", "[dataplane]\nbuffers = 3\nbuffer_size = 4096\n");
 }
 
 #[test]
 fn fifty_concurrent_connections_on_epoll() {
-    concurrent_connections("epoll");
+    concurrent_connections("epoll", "");
 }
 
 #[test]
 fn the_control_api_lists_shows_and_closes_sessions() {
-    let relay = Relay::start("ring", "");
+    let relay = Relay::start("uring", "");
     let echo = echo_server();
     let _agent = relay.agent(&[format!("echo={echo}")]);
 

@@ -113,7 +113,7 @@ fn good_tunnel(local: SocketAddr, seed: u64, len: u64) -> bool {
 
 #[test]
 fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
-    let mut relay = Relay::start("ring", "[limits]\nhandshake_timeout_secs = 2\n");
+    let mut relay = Relay::start("uring", "[limits]\nhandshake_timeout_secs = 2\n");
     let echo = echo_server();
     let _agent = relay.agent(&[format!("echo={echo}")]);
     let (_connect, local) = relay.connect("echo", &[]);

@@ -73,7 +73,7 @@ fn one_echo(local: std::net::SocketAddr, seed: u64) {
 
 #[test]
 fn two_thousand_connections_leave_no_descriptor_or_buffer_behind_on_io_uring() {
-    churn("ring");
+    churn("uring");
 }
 
 #[test]

@@ -109,7 +109,7 @@ fn run_ssh(mut cmd: Command, stdin: &Path) -> String {
 #[test]
 fn openssh_through_connect_its_stdio_proxy_command_and_exec() {
     let sshd = start_sshd();
-    let relay = Relay::start("ring", "");
+    let relay = Relay::start("uring", "");
     let _agent = relay.agent(&[format!("ssh=127.0.0.1:{}", sshd.port)]);
     let work = tempfile::tempdir().unwrap();
     let (input, want) = payload(work.path());

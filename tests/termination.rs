@@ -15,7 +15,7 @@ fn raw_client(relay: &Relay, service: &str, ttl: Option<u64>) -> (String, tungst
 
 #[test]
 fn a_service_not_listening_on_the_device_closes_with_4001() {
-    let relay = Relay::start("ring", "");
+    let relay = Relay::start("uring", "");
     let dead = closed_port();
     let _agent = relay.agent(&[format!("dead=127.0.0.1:{dead}")]);
     let (_, mut ws) = raw_client(&relay, "dead", None);
@@ -71,7 +71,7 @@ fn stream_until_closed(ws: &mut tungstenite::WebSocket<TcpStream>, within: Durat
 
 #[test]
 fn closing_the_session_through_the_api_while_data_flows_closes_with_4003() {
-    let relay = Relay::start("ring", "");
+    let relay = Relay::start("uring", "");
     let echo = echo_server();
     let _agent = relay.agent(&[format!("echo={echo}")]);
     let (id, mut ws) = raw_client(&relay, "echo", None);
@@ -116,7 +116,7 @@ fn killing_the_agent_closes_connections_with_4004() {
 
 #[test]
 fn an_expired_session_closes_with_4002() {
-    let relay = Relay::start("ring", "");
+    let relay = Relay::start("uring", "");
     let echo = echo_server();
     let _agent = relay.agent(&[format!("echo={echo}")]);
     let (id, mut ws) = raw_client(&relay, "echo", Some(2));
@@ -127,7 +127,7 @@ fn an_expired_session_closes_with_4002() {
 
 #[test]
 fn connect_reports_the_session_end_and_exits() {
-    let relay = Relay::start("ring", "");
+    let relay = Relay::start("uring", "");
     let echo = echo_server();
     let _agent = relay.agent(&[format!("echo={echo}")]);
     let (mut connect, local) = relay.connect("echo", &["--ttl", "2"]);

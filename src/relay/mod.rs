@@ -63,8 +63,8 @@ pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind
             dataplane::probe(kind).with_context(|| format!("--backend {kind}: this process cannot run it"))?;
             Ok(kind)
         }
-        None => match dataplane::probe(BackendKind::Ring) {
-            Ok(()) => Ok(BackendKind::Ring),
+        None => match dataplane::probe(BackendKind::Uring) {
+            Ok(()) => Ok(BackendKind::Uring),
             Err(e) => {
                 tracing::warn!("io_uring is unavailable ({e}); using the epoll backend");
                 Ok(BackendKind::Epoll)

@@ -72,13 +72,20 @@ impl Io for EpollIo {
         (res, buf)
     }
 
-    async fn write(&self, buf: Box<[u8]>, range: Range<usize>) -> (io::Result<()>, Box<[u8]>) {
-        let res = self.write_all(&buf[range]).await;
-        (res, buf)
+    async fn write_now(&self, buf: Box<[u8]>, range: Range<usize>) -> (io::Result<usize>, Box<[u8]>) {
+        let mut sent = 0;
+        while range.start + sent < range.end {
+            match self.0.try_write(&buf[range.start + sent..range.end]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(sent), buf)
     }
 
-    async fn write_small(&self, bytes: &[u8]) -> io::Result<()> {
-        self.write_all(bytes).await
+    async fn write_owned(&self, bytes: Vec<u8>) -> io::Result<()> {
+        self.write_all(&bytes).await
     }
 
     fn shutdown(&self) {

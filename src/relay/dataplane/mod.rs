@@ -1,7 +1,7 @@
 //! The relay's data plane: worker threads, each with its own runtime, tunnel table and buffer
 //! pool, forwarding paired WebSocket connections with the in-place codec.
 //!
-//! This is the only part of ringway that imports tokio_uring (in `uring`). The backend seam is
+//! This is the only part of ringway that touches io_uring (in `uring`). The backend seam is
 //! small: a backend adopts a socket ([`tunnel::Io`]) and owns a pool ([`tunnel::Pool`]); the
 //! forwarding logic in `tunnel` is written once for both. `epoll` is the fallback for machines
 //! without io_uring (Docker's default seccomp profile, old kernels), chosen by [`probe`] at
@@ -11,7 +11,6 @@
 //! socket (with the bytes hyper read past the request) to the owner worker as a [`Cmd`].
 
 mod epoll;
-mod ring;
 mod tls;
 mod tunnel;
 mod uring;
@@ -34,10 +33,8 @@ use tunnel::{Entry, Table, TunnelCtl};
 /// Which forwarding engine the workers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
-    /// io_uring through tokio-uring, with a registered fixed-buffer pool.
-    Uring,
     /// io_uring driven directly (io-uring crate): provided buffer ring, receives armed in the kernel.
-    Ring,
+    Uring,
     /// tokio on epoll, readiness first, with a shared buffer pool.
     Epoll,
 }
@@ -45,8 +42,7 @@ pub enum BackendKind {
 impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            BackendKind::Uring => "tokio-uring",
-            BackendKind::Ring => "io_uring",
+            BackendKind::Uring => "io_uring",
             BackendKind::Epoll => "epoll",
         })
     }
@@ -55,8 +51,7 @@ impl std::fmt::Display for BackendKind {
 /// Whether this process may run `kind`; `Err` says why not.
 pub fn probe(kind: BackendKind) -> io::Result<()> {
     match kind {
-        BackendKind::Uring => tokio_uring::uring_builder().build(8).map(drop),
-        BackendKind::Ring => ring::probe(),
+        BackendKind::Uring => uring::probe(),
         BackendKind::Epoll => Ok(()),
     }
 }
@@ -135,17 +130,17 @@ impl<I: tunnel::Io> tunnel::Io for Side<I> {
         }
     }
 
-    async fn write(&self, buf: I::Buf, range: std::ops::Range<usize>) -> (io::Result<()>, I::Buf) {
+    async fn write_now(&self, buf: I::Buf, range: std::ops::Range<usize>) -> (io::Result<usize>, I::Buf) {
         match self {
-            Side::Plain(io) => io.write(buf, range).await,
-            Side::Tls(io) => io.write(buf, range).await,
+            Side::Plain(io) => io.write_now(buf, range).await,
+            Side::Tls(io) => io.write_now(buf, range).await,
         }
     }
 
-    async fn write_small(&self, bytes: &[u8]) -> io::Result<()> {
+    async fn write_owned(&self, bytes: Vec<u8>) -> io::Result<()> {
         match self {
-            Side::Plain(io) => io.write_small(bytes).await,
-            Side::Tls(io) => io.write_small(bytes).await,
+            Side::Plain(io) => io.write_owned(bytes).await,
+            Side::Tls(io) => io.write_owned(bytes).await,
         }
     }
 
@@ -182,20 +177,16 @@ pub fn run_worker(
 ) -> anyhow::Result<()> {
     let dp = relay.config.dataplane.clone();
     match kind {
-        BackendKind::Uring => tokio_uring::builder().entries(2048).start(async move {
-            let pool = Rc::new(uring::UringPool::new(dp.buffers, dp.buffer_size, index));
-            thread_main::<uring::Uring>(index, pool, listener, rx, relay).await
-        }),
-        BackendKind::Ring => {
+        BackendKind::Uring => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .on_thread_park(ring::Driver::before_park)
+                .on_thread_park(uring::Driver::before_park)
                 .build()?;
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
-                let (pool, driver) = ring::Driver::install(dp.buffers, dp.buffer_size)?;
+                let (pool, driver) = uring::Driver::install(dp.buffers, dp.buffer_size)?;
                 tokio::task::spawn_local(driver);
-                thread_main::<ring::Ring>(index, pool, listener, rx, relay).await
+                thread_main::<uring::Uring>(index, pool, listener, rx, relay).await
             })
         }
         BackendKind::Epoll => {

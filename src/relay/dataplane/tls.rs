@@ -64,13 +64,28 @@ impl<B: DerefMut<Target = [u8]>> Io for TlsIo<B> {
         (res, buf)
     }
 
-    async fn write(&self, buf: B, range: Range<usize>) -> (io::Result<()>, B) {
-        let res = self.write_all(&buf[range]).await;
+    async fn write_now(&self, buf: B, range: Range<usize>) -> (io::Result<usize>, B) {
+        // rustls takes plaintext into its own buffer (up to its limit) and sends what the
+        // socket takes; `write_owned` flushes the rest.
+        let bytes = &buf[range];
+        let mut sent = 0;
+        let res = std::future::poll_fn(|cx| loop {
+            if sent == bytes.len() {
+                return Poll::Ready(Ok(sent));
+            }
+            match Pin::new(&mut *self.tls.borrow_mut()).poll_write(cx, &bytes[sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Ready(Ok(sent)),
+            }
+        })
+        .await;
         (res, buf)
     }
 
-    async fn write_small(&self, bytes: &[u8]) -> io::Result<()> {
-        self.write_all(bytes).await
+    async fn write_owned(&self, bytes: Vec<u8>) -> io::Result<()> {
+        self.write_all(&bytes).await
     }
 
     fn shutdown(&self) {

@@ -3,9 +3,10 @@
 //! a buffer pool ([`Pool`]); everything else — readiness first, one buffer checked out only
 //! while bytes are in flight, in-place forwarding, close codes — is written once, here.
 //!
-//! Rules this module keeps (DESIGN.md, tokio-uring hazards): a read or write that was started
-//! is always awaited to completion, never dropped; only readiness waits and buffer waits are
-//! raced against a stop signal, and those are cancel-safe.
+//! Rules this module keeps: a read or write that was started is always awaited to completion,
+//! never dropped; only the wait for input and buffer waits are raced against a stop signal, and
+//! those are cancel-safe (io_uring's armed receive is cancelled in the kernel, and any bytes it
+//! took are dropped with the stopping tunnel).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -51,10 +52,12 @@ pub(crate) trait Io {
     }
     /// Reads into `buf[HEADROOM..]`. `Ok(None)`: the readiness was stale, nothing was read.
     async fn read<'a>(&'a self, ready: Self::Ready<'a>, buf: Self::Buf) -> (io::Result<Option<usize>>, Self::Buf);
-    /// Writes all of `buf[range]`.
-    async fn write(&self, buf: Self::Buf, range: Range<usize>) -> (io::Result<()>, Self::Buf);
-    /// Writes a small frame of the relay's own.
-    async fn write_small(&self, bytes: &[u8]) -> io::Result<()>;
+    /// Writes as much of `buf[range]` as the socket takes right now, without waiting for room;
+    /// returns how many bytes went. A pool buffer is never held while a slow reader drains.
+    async fn write_now(&self, buf: Self::Buf, range: Range<usize>) -> (io::Result<usize>, Self::Buf);
+    /// Writes all of `bytes` (owned, not a pool buffer), waiting for room as long as it takes,
+    /// and flushes anything an earlier `write_now` left buffered (TLS).
+    async fn write_owned(&self, bytes: Vec<u8>) -> io::Result<()>;
     /// Shuts both directions down (ends any peer's wait on us).
     fn shutdown(&self);
 }
@@ -251,21 +254,32 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
     };
     let mut failed = false;
     if !out.is_empty() && violation.is_none() {
-        let len = out.len() as u64;
-        let (res, b) = dst.write(buf, out).await;
+        let len = out.len();
+        let (res, b) = dst.write_now(buf, out.clone()).await;
         buf = b;
-        failed = res.is_err();
+        // What the destination did not take at once is copied out, so the pool buffer goes
+        // back now: a reader that stops reading holds its own bytes, not the pool's buffers.
+        let rest = match res {
+            Ok(sent) => buf[out.start + sent..out.end].to_vec(),
+            Err(_) => {
+                failed = true;
+                Vec::new()
+            }
+        };
+        release(pool, relay, buf);
+        failed = failed || dst.write_owned(rest).await.is_err();
         if !failed {
             let counter = match dir {
                 Dir::ToDevice => &relay.metrics.bytes_to_device,
                 Dir::ToClient => &relay.metrics.bytes_to_client,
             };
-            counter.fetch_add(len, Relaxed);
-            moved.bytes[dir as usize].set(moved.bytes[dir as usize].get() + len);
+            counter.fetch_add(len as u64, Relaxed);
+            moved.bytes[dir as usize].set(moved.bytes[dir as usize].get() + len as u64);
             moved.last.set(tokio::time::Instant::now());
         }
+    } else {
+        release(pool, relay, buf);
     }
-    release(pool, relay, buf);
     if let Some(e) = violation {
         return Some(PumpEnd::Violation(e));
     }
@@ -296,7 +310,7 @@ async fn farewell<I: Io, P>(leg: &Leg<'_, I, P>, fwd: &Forwarder, end: &PumpEnd)
     };
     if let Some(frame) = frame {
         if fwd.at_frame_boundary() && !fwd.closed() {
-            let _ = leg.dst.write_small(frame.as_bytes()).await;
+            let _ = leg.dst.write_owned(frame.as_bytes().to_vec()).await;
         }
     }
 }
@@ -389,7 +403,7 @@ async fn idle_watch(moved: &Moved, ctl: &TunnelCtl, idle: Duration) {
 
 /// Sends a Close to a connection that never got paired, then closes it.
 pub(crate) async fn refuse<I: Io>(io: I, code: CloseCode, reason: &str) {
-    let _ = io.write_small(encode::close(code, reason).as_bytes()).await;
+    let _ = io.write_owned(encode::close(code, reason).as_bytes().to_vec()).await;
     io.shutdown();
 }
 

@@ -1,209 +1,676 @@
-//! The io_uring backend on tokio-uring: a registered fixed-buffer pool per worker, readiness
-//! first through `AsyncFd` on the same descriptor, then `read_fixed` and `write_fixed_all`.
+//! The io_uring backend written directly on the `io-uring` crate.
 //!
-//! An idle direction holds no buffer: it waits for readiness (an epoll registration, no
-//! io_uring operation) and only then checks a buffer out. Registration can fail (memlock limit:
-//! `LimitMEMLOCK`/`ulimit -l`); the pool then falls back to unregistered buffers and says so.
+//! One ring per worker (SINGLE_ISSUER, DEFER_TASKRUN), driven from the worker's tokio
+//! current-thread runtime: operations queue their submissions, a driver task submits them once
+//! per pass of the run queue, and completions are reaped before the runtime parks and whenever
+//! the ring's eventfd (signalled when the kernel has deferred work for us) wakes the reactor.
+//!
+//! Receives pick their buffer from a provided buffer ring, so an idle direction holds no buffer:
+//! it has one receive armed in the kernel, nothing else. The codec rewrites the kernel-chosen
+//! buffer in place and the send is issued from that same buffer. A direction holds at most one
+//! buffer (one read→forward→write cycle at a time).
+//!
+//! The kernel's ring hands out the buffer that has waited longest, which is the cache-coldest
+//! one. So the ring is kept only as deep as the load needs (twice the buffers in use, at least
+//! [`MIN_DEPTH`]); the other free buffers wait in a last-in-first-out stack. A receive that finds
+//! the ring empty fails with ENOBUFS; the direction then takes the warmest buffer from the stack
+//! or, when none is free, queues, and buffers coming back are handed to queued directions first
+//! come, first served (a plain receive into the handed buffer) before any returns to the ring.
+//! A dropped operation is cancelled in the kernel (`AsyncCancel`); whatever it owned is kept
+//! until its completion arrives.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::ops::{Deref, DerefMut, Range};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::task::{Context, Poll, Waker};
 
-use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
-use tokio::io::Interest;
-use tokio::sync::Semaphore;
-use tokio_uring::buf::fixed::{FixedBuf, FixedBufPool};
-use tokio_uring::buf::BoundedBuf;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use super::tunnel::{Io, Pool};
 use super::Backend;
 use crate::ws::HEADROOM;
 
+/// The buffer group every receive selects from.
+const GROUP: u16 = 0;
+/// The kernel ring's least depth, whatever the load.
+const MIN_DEPTH: usize = 8;
+/// `user_data` of cancellations, whose completions nobody waits for.
+const CANCEL: u64 = u64::MAX;
+
+thread_local! {
+    /// This worker's driver; set by [`Driver::install`] before any socket is adopted.
+    static DRIVER: RefCell<Option<Rc<Driver>>> = const { RefCell::new(None) };
+}
+
+fn driver() -> Rc<Driver> {
+    DRIVER.with(|d| d.borrow().clone()).expect("the io_uring driver is installed on this worker")
+}
+
 pub(crate) struct Uring;
 
 impl Backend for Uring {
-    type Pool = UringPool;
+    type Pool = BufPool;
     type Io = UringIo;
 
     fn adopt(stream: std::net::TcpStream) -> io::Result<UringIo> {
         super::tune(&stream)?;
-        stream.set_nonblocking(true)?;
-        let fd = stream.as_raw_fd();
-        let stream = tokio_uring::net::TcpStream::from_std(stream);
-        // SAFETY: `fd` is owned by `stream`, which lives in the same `UringIo` and is dropped
-        // after the `AsyncFd` (field order), so it stays open and the same for its lifetime.
-        let ready =
-            unsafe { AsyncFd::register_with_interest(Fd(fd), Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
-        Ok(UringIo { ready, maybe_more: Cell::new(false), stream })
+        // io_uring waits for socket readiness itself; a blocking descriptor keeps it from
+        // handing EAGAIN back to us.
+        stream.set_nonblocking(false)?;
+        Ok(UringIo { fd: stream.into(), driver: driver(), maybe_more: Cell::new(false) })
     }
 }
 
-/// A buffer from the pool: registered when the kernel let us, plain otherwise.
-pub(crate) enum UBuf {
-    Fixed(FixedBuf),
-    Plain(Vec<u8>),
+/// Whether this process may create a ring with the flags the driver uses.
+pub(crate) fn probe() -> io::Result<()> {
+    IoUring::<squeue::Entry>::builder().setup_single_issuer().setup_defer_taskrun().build(8).map(drop)
 }
 
-impl Deref for UBuf {
+/// What an operation left behind when its future was dropped before completing: kept alive
+/// until the kernel is done with it.
+enum Keep {
+    Nothing,
+    Buf(Buf),
+    Bytes(Vec<u8>),
+}
+
+enum OpState {
+    Waiting(Option<Waker>),
+    Done { res: i32, flags: u32 },
+    Orphan(#[allow(dead_code)] Keep),
+}
+
+/// A worker's ring and its buffers.
+pub(crate) struct Driver {
+    ring: RefCell<IoUring>,
+    ops: RefCell<slab::Slab<OpState>>,
+    pool: Rc<BufPool>,
+    /// Registered with the ring: the kernel signals it when completions need reaping.
+    eventfd: AsyncFd<OwnedFd>,
+    /// A submission is queued and the driver task has been asked to submit it.
+    flush_asked: Cell<bool>,
+    flush: Notify,
+}
+
+impl Driver {
+    /// Creates this worker's ring and buffer ring and makes them the worker's driver. Returns
+    /// the task that keeps it running; spawn it on the worker's `LocalSet`.
+    pub(crate) fn install(buffers: usize, buffer_size: usize) -> io::Result<(Rc<BufPool>, impl Future<Output = ()>)> {
+        let ring = IoUring::<squeue::Entry>::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(16384)
+            .build(4096)?;
+        // SAFETY: a plain eventfd(2) call; the descriptor is owned from here on.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` was just created and nobody else owns it.
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let pool = Rc::new(BufPool::new(&ring, buffers, buffer_size)?);
+        let driver = Rc::new(Driver {
+            ring: RefCell::new(ring),
+            ops: RefCell::new(slab::Slab::with_capacity(1024)),
+            pool: pool.clone(),
+            // SAFETY: `efd` is owned by the AsyncFd it is registered with.
+            eventfd: unsafe { AsyncFd::register(efd) }.map_err(|e| e.into_parts().1)?,
+            flush_asked: Cell::new(false),
+            flush: Notify::new(),
+        });
+        DRIVER.with(|d| *d.borrow_mut() = Some(driver.clone()));
+        Ok((pool, run(driver)))
+    }
+
+    /// Runs from the runtime's `on_thread_park` hook: reap what is ready before sleeping, so a
+    /// busy worker seldom needs the eventfd round trip through epoll.
+    pub(crate) fn before_park() {
+        DRIVER.with(|d| {
+            if let Some(d) = d.borrow().as_ref() {
+                d.flush();
+            }
+        });
+    }
+
+    /// Queues `sqe` (its `user_data` set to a fresh op slot) and returns the slot.
+    fn push(&self, sqe: squeue::Entry) -> usize {
+        let key = self.ops.borrow_mut().insert(OpState::Waiting(None));
+        self.push_raw(sqe.user_data(key as u64));
+        key
+    }
+
+    fn push_raw(&self, sqe: squeue::Entry) {
+        let mut ring = self.ring.borrow_mut();
+        // SAFETY: every pointer in our entries stays valid until the completion is reaped:
+        // ops own (or orphan) their buffers, and the fd is kept open by the kernel's reference.
+        while unsafe { ring.submission().push(&sqe) }.is_err() {
+            if let Err(e) = ring.submit() {
+                tracing::error!("io_uring submit failed with a full submission queue: {e}");
+            }
+        }
+        drop(ring);
+        if !self.flush_asked.replace(true) {
+            self.flush.notify_one();
+        }
+    }
+
+    /// Submits what is queued, runs the kernel's deferred work, and completes finished ops.
+    fn flush(&self) {
+        self.flush_asked.set(false);
+        let mut wake = Vec::new();
+        {
+            let mut ring = self.ring.borrow_mut();
+            let pending = ring.submission().len();
+            if pending > 0 || ring.submission().taskrun() || !ring.completion().is_empty() {
+                // SAFETY: a plain io_uring_enter with no extra argument.
+                let res = unsafe { ring.submitter().enter::<libc::sigset_t>(pending as u32, 0, GETEVENTS, None) };
+                if let Err(e) = res {
+                    if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
+                        tracing::error!("io_uring_enter failed: {e}");
+                    }
+                }
+            }
+            let mut ops = self.ops.borrow_mut();
+            for cqe in ring.completion() {
+                let (key, res, flags) = (cqe.user_data(), cqe.result(), cqe.flags());
+                if cqueue::buffer_select(flags).is_some() {
+                    self.pool.in_ring.set(self.pool.in_ring.get() - 1);
+                }
+                if key == CANCEL {
+                    continue;
+                }
+                let key = key as usize;
+                match std::mem::replace(&mut ops[key], OpState::Done { res, flags }) {
+                    OpState::Waiting(w) => wake.extend(w),
+                    OpState::Orphan(_) => {
+                        ops.remove(key);
+                        if let Some(id) = cqueue::buffer_select(flags) {
+                            drop(self.pool.take(id));
+                        }
+                    }
+                    OpState::Done { .. } => unreachable!("one completion per single-shot op"),
+                }
+            }
+        }
+        for w in wake {
+            w.wake();
+        }
+    }
+}
+
+const GETEVENTS: u32 = io_uring::EnterFlags::GETEVENTS.bits();
+
+/// The worker's driver task: submits queued operations once per pass of the run queue and
+/// reaps completions when the eventfd says there are some.
+async fn run(driver: Rc<Driver>) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = driver.flush.notified() => {}
+            ready = driver.eventfd.readable() => {
+                let Ok(mut guard) = ready else { return };
+                let mut count = [0u8; 8];
+                // SAFETY: an 8-byte read into a local from the eventfd we own.
+                let n = unsafe { libc::read(driver.eventfd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+                if n < 0 {
+                    guard.clear_ready();
+                }
+            }
+        }
+        driver.flush();
+    }
+}
+
+/// A submitted operation; completes with the kernel's result and flags.
+struct Op {
+    driver: Rc<Driver>,
+    key: usize,
+    /// What the kernel may still be reading or writing; handed back on completion.
+    keep: Keep,
+    done: bool,
+}
+
+impl Op {
+    fn new(driver: &Rc<Driver>, sqe: squeue::Entry, keep: Keep) -> Op {
+        let key = driver.push(sqe);
+        Op { driver: driver.clone(), key, keep, done: false }
+    }
+
+    /// Waits for the completion: `(result, flags, what the op kept)`.
+    async fn complete(mut self) -> (i32, u32, Keep) {
+        let (res, flags) = poll_fn(|cx| self.poll_done(cx)).await;
+        (res, flags, std::mem::replace(&mut self.keep, Keep::Nothing))
+    }
+
+    fn poll_done(&mut self, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
+        let mut ops = self.driver.ops.borrow_mut();
+        match &mut ops[self.key] {
+            OpState::Done { res, flags } => {
+                let out = (*res, *flags);
+                ops.remove(self.key);
+                self.done = true;
+                Poll::Ready(out)
+            }
+            OpState::Waiting(w) => {
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            OpState::Orphan(_) => unreachable!("an op is orphaned only when its future is dropped"),
+        }
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut ops = self.driver.ops.borrow_mut();
+        if let OpState::Done { flags, .. } = ops[self.key] {
+            ops.remove(self.key);
+            if let Some(id) = cqueue::buffer_select(flags) {
+                drop(self.driver.pool.take(id));
+            }
+            return;
+        }
+        ops[self.key] = OpState::Orphan(std::mem::replace(&mut self.keep, Keep::Nothing));
+        drop(ops);
+        self.driver.push_raw(opcode::AsyncCancel::new(self.key as u64).build().user_data(CANCEL));
+    }
+}
+
+/// A buffer: one of the pool's (returns itself when dropped: to the first queued direction,
+/// else to the kernel's ring), or a heap buffer for bytes that arrived with the HTTP upgrade.
+pub(crate) enum Buf {
+    Pooled { pool: Rc<BufPool>, id: u16 },
+    Heap(Box<[u8]>),
+}
+
+impl Deref for Buf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            UBuf::Fixed(b) => b,
-            UBuf::Plain(v) => v,
+            // SAFETY: buffer `id` lies inside the pool's mapping, and this `Buf` is its only
+            // owner while it is checked out of the ring.
+            Buf::Pooled { pool, id } => unsafe { std::slice::from_raw_parts(pool.addr(*id), pool.size) },
+            Buf::Heap(b) => b,
         }
     }
 }
 
-impl DerefMut for UBuf {
+impl DerefMut for Buf {
     fn deref_mut(&mut self) -> &mut [u8] {
         match self {
-            UBuf::Fixed(b) => b,
-            UBuf::Plain(v) => v,
+            // SAFETY: as in `deref`; `&mut self` makes the access exclusive.
+            Buf::Pooled { pool, id } => unsafe { std::slice::from_raw_parts_mut(pool.addr(*id), pool.size) },
+            Buf::Heap(b) => b,
         }
     }
 }
 
-pub(crate) struct UringPool {
-    /// FIFO admission (tokio's semaphore is fair): without it a direction that returns its
-    /// buffer after a full read takes it straight back ahead of the waiters.
-    permits: Semaphore,
-    /// The registered pool, or `None` when registration failed.
-    fixed: Option<FixedBufPool<Vec<u8>>>,
-    plain: RefCell<Vec<Vec<u8>>>,
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Buf::Pooled { pool, id } = self {
+            pool.give_back(*id);
+        }
+    }
+}
+
+/// A queued direction's place in line for a buffer.
+struct Turn {
+    buf: Cell<Option<u16>>,
+    waker: Cell<Option<Waker>>,
+}
+
+/// The worker's buffers: one anonymous mapping cut into `count` buffers, a provided buffer
+/// ring the kernel takes from, and the line of directions that found the ring empty.
+pub(crate) struct BufPool {
+    base: NonNull<u8>,
+    count: usize,
     size: usize,
+    /// The buffer ring shared with the kernel (`entries` x 16 bytes, page aligned).
+    ring: NonNull<types::BufRingEntry>,
+    entries: u16,
+    tail: Cell<u16>,
+    /// Buffers in the kernel's ring, as far as reaped completions tell.
+    in_ring: Cell<usize>,
+    /// Free buffers outside the ring, most recently returned last.
+    stack: RefCell<Vec<u16>>,
+    /// Buffers checked out to directions.
+    in_use: Cell<usize>,
+    line: RefCell<VecDeque<Rc<Turn>>>,
 }
 
-impl UringPool {
-    /// Must run inside the worker's tokio-uring runtime (registration is per ring).
-    pub(crate) fn new(count: usize, size: usize, worker: usize) -> UringPool {
-        // The kernel's registry takes at most 1024 buffers per ring.
-        let count = count.min(1024);
-        let pool = FixedBufPool::new((0..count).map(|_| vec![0u8; size]));
-        let fixed = match pool.register() {
-            Ok(()) => Some(pool),
-            Err(e) => {
-                tracing::warn!(
-                    worker,
-                    "registering {count} x {size} B io_uring buffers failed ({e}); using unregistered \
-                     buffers (raise the memlock limit, e.g. LimitMEMLOCK= in the systemd unit)"
-                );
-                None
-            }
+impl BufPool {
+    fn new(ring: &IoUring, count: usize, size: usize) -> io::Result<BufPool> {
+        let count = count.clamp(1, 1 << 15);
+        let entries = count.next_power_of_two();
+        let base = map(count * size)?;
+        let ring_mem = map(entries * std::mem::size_of::<types::BufRingEntry>())?;
+        let pool = BufPool {
+            base: base.cast(),
+            count,
+            size,
+            ring: ring_mem.cast(),
+            entries: entries as u16,
+            tail: Cell::new(0),
+            in_ring: Cell::new(0),
+            stack: RefCell::new(Vec::with_capacity(count)),
+            in_use: Cell::new(0),
+            line: RefCell::new(VecDeque::new()),
         };
-        UringPool { permits: Semaphore::new(count), fixed, plain: RefCell::new(Vec::new()), size }
+        // SAFETY: the ring memory is page aligned, `entries` long, and lives as long as the pool,
+        // which outlives the ring (the driver holds both and drops the ring first).
+        unsafe { ring.submitter().register_buf_ring_with_flags(ring_mem.as_ptr() as u64, entries as u16, GROUP, 0) }?;
+        for id in (0..count).rev() {
+            if pool.in_ring.get() < MIN_DEPTH {
+                pool.to_ring(id as u16);
+            } else {
+                pool.stack.borrow_mut().push(id as u16);
+            }
+        }
+        Ok(pool)
     }
-}
 
-impl Pool for UringPool {
-    type Buf = UBuf;
+    fn addr(&self, id: u16) -> *mut u8 {
+        debug_assert!((id as usize) < self.count);
+        // SAFETY: in bounds of the mapping.
+        unsafe { self.base.as_ptr().add(id as usize * self.size) }
+    }
 
-    async fn acquire(&self) -> UBuf {
-        self.permits.acquire().await.expect("the pool's semaphore is never closed").forget();
-        match &self.fixed {
-            Some(pool) => UBuf::Fixed(pool.try_next(self.size).expect("a permit guarantees a free buffer")),
-            None => UBuf::Plain(self.plain.borrow_mut().pop().unwrap_or_else(|| vec![0; self.size])),
+    /// Takes ownership of a buffer the kernel picked for a receive (or the stack or line gave).
+    fn take(self: &Rc<Self>, id: u16) -> Buf {
+        self.in_use.set(self.in_use.get() + 1);
+        Buf::Pooled { pool: self.clone(), id }
+    }
+
+    /// The warmest free buffer outside the ring, if any.
+    fn pop(self: &Rc<Self>) -> Option<Buf> {
+        let id = self.stack.borrow_mut().pop()?;
+        Some(self.take(id))
+    }
+
+    fn to_ring(&self, id: u16) {
+        let tail = self.tail.get();
+        let mask = self.entries - 1;
+        // SAFETY: slot `tail & mask` is ours to write: the kernel consumes only up to the tail
+        // we publish below, and at most `count <= entries` buffers are ever in the ring.
+        unsafe {
+            let entry = &mut *self.ring.as_ptr().add((tail & mask) as usize);
+            entry.set_addr(self.addr(id).add(HEADROOM) as u64);
+            entry.set_len((self.size - HEADROOM) as u32);
+            entry.set_bid(id);
+            let tail_ptr = types::BufRingEntry::tail(self.ring.as_ptr()) as *const AtomicU16;
+            (*tail_ptr).store(tail.wrapping_add(1), Ordering::Release);
+        }
+        self.tail.set(tail.wrapping_add(1));
+        self.in_ring.set(self.in_ring.get() + 1);
+    }
+
+    fn give_back(&self, id: u16) {
+        self.in_use.set(self.in_use.get() - 1);
+        self.route(id);
+    }
+
+    /// A free buffer goes to the first direction in line, else to the ring if the ring is
+    /// shallower than the load needs, else onto the stack.
+    fn route(&self, id: u16) {
+        let mut line = self.line.borrow_mut();
+        while let Some(turn) = line.pop_front() {
+            // A turn whose waiter left holds the only other reference: skip it.
+            if Rc::strong_count(&turn) > 1 {
+                turn.buf.set(Some(id));
+                if let Some(w) = turn.waker.take() {
+                    w.wake();
+                }
+                return;
+            }
+        }
+        drop(line);
+        if self.in_ring.get() < (2 * self.in_use.get()).max(MIN_DEPTH) {
+            self.to_ring(id);
+        } else {
+            self.stack.borrow_mut().push(id);
         }
     }
 
-    fn release(&self, buf: UBuf) {
-        if let UBuf::Plain(v) = buf {
-            self.plain.borrow_mut().push(v);
+    /// Waits in line for a buffer coming back. Cancel-safe: a buffer handed to a waiter that
+    /// left is passed on.
+    async fn wait_turn(self: &Rc<Self>) -> Buf {
+        struct Waiting<'a>(&'a Rc<BufPool>, Rc<Turn>);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if let Some(id) = self.1.buf.take() {
+                    self.0.route(id);
+                }
+            }
         }
-        // A FixedBuf checks itself back in when dropped.
-        self.permits.add_permits(1);
+        let turn = Rc::new(Turn { buf: Cell::new(None), waker: Cell::new(None) });
+        self.line.borrow_mut().push_back(turn.clone());
+        let waiting = Waiting(self, turn);
+        poll_fn(|cx| match waiting.1.buf.take() {
+            Some(id) => Poll::Ready(self.take(id)),
+            None => {
+                waiting.1.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 
-/// The raw descriptor for `AsyncFd`; the tokio-uring stream owns and closes it.
-pub(crate) struct Fd(RawFd);
+fn map(len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: an anonymous private mapping; never unmapped (it lives as long as the worker).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(NonNull::new(p.cast()).expect("mmap does not return null on success"))
+}
 
-impl AsRawFd for Fd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
+impl Pool for BufPool {
+    type Buf = Buf;
+
+    /// For the sides that read by themselves (TLS) and for bytes that came with the upgrade:
+    /// the warmest free buffer, else a place in line. When every free buffer sits in the kernel's
+    /// ring and nobody will give one back, a heap buffer instead of waiting forever.
+    async fn acquire(&self) -> Buf {
+        let pool = driver().pool.clone();
+        if let Some(buf) = pool.pop() {
+            return buf;
+        }
+        if pool.in_use.get() == 0 && pool.line.borrow().is_empty() {
+            return Buf::Heap(vec![0; self.size].into_boxed_slice());
+        }
+        pool.wait_turn().await
+    }
+
+    fn release(&self, buf: Buf) {
+        drop(buf);
     }
 }
 
 pub(crate) struct UringIo {
-    /// Declared before `stream`: deregistered from epoll before the descriptor closes.
-    ready: AsyncFd<Fd>,
-    /// The last read filled its buffer, so the socket may hold more than the readiness says.
+    fd: OwnedFd,
+    driver: Rc<Driver>,
+    /// The last receive filled its buffer: the socket likely has more right now.
     maybe_more: Cell<bool>,
-    stream: tokio_uring::net::TcpStream,
+}
+
+/// What a direction's wait for input produced.
+pub(crate) enum UringReady {
+    /// The kernel received `n` bytes into a buffer from the ring.
+    Filled(Option<Buf>, usize),
+    /// The ring was empty; this buffer was handed over in line, and the socket has input.
+    Handed(Option<Buf>),
 }
 
 impl UringIo {
-    /// Whether the socket has a byte (or EOF) to read right now, without taking it.
-    fn has_input(&self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: a 1-byte recv into a local, on a descriptor this stream keeps open.
-        let n = unsafe {
-            libc::recv(self.stream.as_raw_fd(), &mut byte as *mut u8 as *mut _, 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        };
-        n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.fd.as_raw_fd())
+    }
+
+    async fn send(&self, buf: Keep, ptr: *const u8, len: usize, flags: i32) -> (io::Result<usize>, Keep) {
+        let sqe = opcode::Send::new(self.fd(), ptr, len as u32).flags(flags).build();
+        let (res, _, keep) = Op::new(&self.driver, sqe, buf).complete().await;
+        (result(res), keep)
+    }
+}
+
+fn result(res: i32) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as usize)
     }
 }
 
 impl Io for UringIo {
-    type Buf = UBuf;
-    type Ready<'a> = AsyncFdReadyGuard<'a, Fd>;
+    type Buf = Buf;
+    type Ready<'a> = UringReady;
 
-    async fn readable(&self) -> io::Result<AsyncFdReadyGuard<'_, Fd>> {
+    async fn readable(&self) -> io::Result<UringReady> {
+        let pool = &self.driver.pool;
         loop {
-            let mut guard = self.ready.readable().await?;
-            // Edge-triggered readiness stays set after a read that filled its buffer; check
-            // the socket before pinning a buffer in a read that could wait indefinitely.
-            if self.maybe_more.get() && !self.has_input() {
-                self.maybe_more.set(false);
-                guard.clear_ready();
-                continue;
+            if self.maybe_more.get() && !pool.line.borrow().is_empty() {
+                // Others are in line for buffers and we have input: queue behind them rather
+                // than overtake. (Without input we arm a receive, which holds no buffer.)
+                return Ok(UringReady::Handed(Some(pool.wait_turn().await)));
             }
-            return Ok(guard);
+            let len = (pool.size - HEADROOM) as u32;
+            let sqe = opcode::Recv::new(self.fd(), std::ptr::null_mut(), len)
+                .buf_group(GROUP)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT);
+            let (res, flags, _) = Op::new(&self.driver, sqe, Keep::Nothing).complete().await;
+            let buf = cqueue::buffer_select(flags).map(|id| pool.take(id));
+            match res {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n if n > 0 => {
+                    self.maybe_more.set(n as usize == len as usize);
+                    return Ok(UringReady::Filled(buf, n as usize));
+                }
+                e if -e == libc::ENOBUFS => {
+                    if let Some(buf) = pool.pop() {
+                        return Ok(UringReady::Handed(Some(buf)));
+                    }
+                    if pool.in_ring.get() == 0 || !pool.line.borrow().is_empty() {
+                        return Ok(UringReady::Handed(Some(pool.wait_turn().await)));
+                    }
+                    // Buffers went back to the ring since the kernel looked: try again.
+                }
+                e if -e == libc::EINTR || -e == libc::EAGAIN => {}
+                e => return Err(io::Error::from_raw_os_error(-e)),
+            }
         }
     }
 
-    async fn read<'a>(&'a self, mut ready: Self::Ready<'a>, buf: UBuf) -> (io::Result<Option<usize>>, UBuf) {
-        let cap = buf.len() - HEADROOM;
-        let (res, buf) = match buf {
-            UBuf::Fixed(b) => {
-                let (res, slice) = self.stream.read_fixed(b.slice(HEADROOM..)).await;
-                (res, UBuf::Fixed(slice.into_inner()))
+    fn held<'a>(ready: &mut UringReady) -> Option<Buf>
+    where
+        Self: 'a,
+    {
+        match ready {
+            UringReady::Filled(b, _) | UringReady::Handed(b) => b.take(),
+        }
+    }
+
+    async fn read(&self, ready: UringReady, buf: Buf) -> (io::Result<Option<usize>>, Buf) {
+        match ready {
+            UringReady::Filled(_, n) => (Ok(Some(n)), buf),
+            UringReady::Handed(_) => {
+                let mut buf = buf;
+                let dst = buf[HEADROOM..].as_mut_ptr();
+                let len = buf.len() - HEADROOM;
+                // MSG_DONTWAIT: a handed buffer is never parked on a socket with nothing to read.
+                let sqe = opcode::Recv::new(self.fd(), dst, len as u32).flags(libc::MSG_DONTWAIT).build();
+                let (res, _, keep) = Op::new(&self.driver, sqe, Keep::Buf(buf)).complete().await;
+                let Keep::Buf(buf) = keep else { unreachable!("the op hands back what it kept") };
+                let res = match result(res) {
+                    Ok(n) => Ok(Some(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                };
+                self.maybe_more.set(matches!(res, Ok(Some(n)) if n == len));
+                (res, buf)
             }
-            UBuf::Plain(v) => {
-                let (res, slice) = self.stream.read(v.slice(HEADROOM..)).await;
-                (res, UBuf::Plain(slice.into_inner()))
+        }
+    }
+
+    async fn write_now(&self, buf: Buf, range: Range<usize>) -> (io::Result<usize>, Buf) {
+        let mut keep = Keep::Buf(buf);
+        let mut sent = 0;
+        let res = loop {
+            if range.start + sent == range.end {
+                break Ok(sent);
+            }
+            let Keep::Buf(b) = &keep else { unreachable!("the op hands back what it kept") };
+            let ptr = b[range.start + sent..].as_ptr();
+            // MSG_DONTWAIT: io_uring answers EAGAIN instead of waiting for room.
+            let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+            let (res, k) = self.send(keep, ptr, range.end - range.start - sent, flags).await;
+            keep = k;
+            match res {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(sent),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
             }
         };
-        match res {
-            Ok(n) if n < cap => {
-                // A short read drained the socket: wait for the next edge.
-                self.maybe_more.set(false);
-                ready.clear_ready();
-            }
-            Ok(_) => self.maybe_more.set(true),
-            Err(_) => {}
-        }
-        (res.map(Some), buf)
+        let Keep::Buf(b) = keep else { unreachable!("the op hands back what it kept") };
+        (res, b)
     }
 
-    async fn write(&self, buf: UBuf, range: Range<usize>) -> (io::Result<()>, UBuf) {
-        match buf {
-            UBuf::Fixed(b) => {
-                let (res, slice) = self.stream.write_fixed_all(b.slice(range)).await;
-                (res, UBuf::Fixed(slice.into_inner()))
-            }
-            UBuf::Plain(v) => {
-                let (res, slice) = self.stream.write_all(v.slice(range)).await;
-                (res, UBuf::Plain(slice.into_inner()))
+    async fn write_owned(&self, bytes: Vec<u8>) -> io::Result<()> {
+        let len = bytes.len();
+        let mut keep = Keep::Bytes(bytes);
+        let mut at = 0;
+        while at < len {
+            let Keep::Bytes(v) = &keep else { unreachable!("the op hands back what it kept") };
+            let ptr = v[at..].as_ptr();
+            let (res, k) = self.send(keep, ptr, len - at, libc::MSG_NOSIGNAL).await;
+            keep = k;
+            match res {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
             }
         }
-    }
-
-    async fn write_small(&self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes.to_vec()).await.0
+        Ok(())
     }
 
     fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        // SAFETY: shutdown(2) on a descriptor this value owns.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.ring.get_mut().submitter().unregister_buf_ring(GROUP);
     }
 }
