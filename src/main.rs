@@ -44,7 +44,7 @@ enum Command {
         /// Relay configuration (TOML): operators, devices, limits.
         #[arg(long)]
         config: PathBuf,
-        /// Force a data-plane backend instead of probing for io_uring.
+        /// Data-plane backend (default: epoll, the bake-off's winner; see README, Performance).
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
     },

@@ -56,21 +56,13 @@ impl Running {
     }
 }
 
-/// Chooses the backend: the one asked for, else io_uring if this process may use it.
+/// Chooses the backend: the one asked for, else epoll; fails if this process cannot run it.
 pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind> {
-    match forced {
-        Some(kind) => {
-            dataplane::probe(kind).with_context(|| format!("--backend {kind}: this process cannot run it"))?;
-            Ok(kind)
-        }
-        None => match dataplane::probe(BackendKind::Uring) {
-            Ok(()) => Ok(BackendKind::Uring),
-            Err(e) => {
-                tracing::warn!("io_uring is unavailable ({e}); using the epoll backend");
-                Ok(BackendKind::Epoll)
-            }
-        },
-    }
+    // epoll is the default: it won the load benchmark's bake-off on this project's machine
+    // (README, Performance). io_uring is there for `--backend uring`, checked before use.
+    let kind = forced.unwrap_or(BackendKind::Epoll);
+    dataplane::probe(kind).with_context(|| format!("--backend {kind}: this process cannot run it"))?;
+    Ok(kind)
 }
 
 /// Binds `listen` and starts the workers. Refuses an address another process already serves
