@@ -212,11 +212,10 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(leg: Leg<'_, I, P>, mut leftover: By
 async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
     leg: &Leg<'a, I, P>,
     fwd: &mut Forwarder,
-    ready: Option<I::Ready<'a>>,
+    mut ready: Option<I::Ready<'a>>,
     leftover: &mut Bytes,
 ) -> Option<PumpEnd> {
     let Leg { dir, src, dst, pool, ctl, relay, moved } = *leg;
-    let mut ready = ready;
     let mut buf = match ready.as_mut().and_then(I::held) {
         Some(buf) => buf,
         None => tokio::select! {

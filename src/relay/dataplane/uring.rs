@@ -71,7 +71,18 @@ impl Backend for Uring {
 
 /// Whether this process may create a ring with the flags the driver uses.
 pub(crate) fn probe() -> io::Result<()> {
-    IoUring::<squeue::Entry>::builder().setup_single_issuer().setup_defer_taskrun().build(8).map(drop)
+    new_ring(8).map(drop)
+}
+
+/// A ring with the flags the driver relies on: one issuer thread, completions' deferred work
+/// run only when we ask (and flagged in the SQ ring so we know when to ask).
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::<squeue::Entry>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_cqsize(entries * 4)
+        .build(entries)
 }
 
 /// What an operation left behind when its future was dropped before completing: kept alive
@@ -80,6 +91,16 @@ enum Keep {
     Nothing,
     Buf(Buf),
     Bytes(Vec<u8>),
+}
+
+impl Keep {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Keep::Nothing => &[],
+            Keep::Buf(b) => b,
+            Keep::Bytes(v) => v,
+        }
+    }
 }
 
 enum OpState {
@@ -98,18 +119,16 @@ pub(crate) struct Driver {
     /// A submission is queued and the driver task has been asked to submit it.
     flush_asked: Cell<bool>,
     flush: Notify,
+    /// Wakers of completed ops, woken after the ring and op table are released (kept to reuse
+    /// its allocation).
+    wake: Cell<Vec<Waker>>,
 }
 
 impl Driver {
     /// Creates this worker's ring and buffer ring and makes them the worker's driver. Returns
     /// the task that keeps it running; spawn it on the worker's `LocalSet`.
     pub(crate) fn install(buffers: usize, buffer_size: usize) -> io::Result<(Rc<BufPool>, impl Future<Output = ()>)> {
-        let ring = IoUring::<squeue::Entry>::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_taskrun_flag()
-            .setup_cqsize(16384)
-            .build(4096)?;
+        let ring = new_ring(4096)?;
         // SAFETY: a plain eventfd(2) call; the descriptor is owned from here on.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -127,6 +146,7 @@ impl Driver {
             eventfd: unsafe { AsyncFd::register(efd) }.map_err(|e| e.into_parts().1)?,
             flush_asked: Cell::new(false),
             flush: Notify::new(),
+            wake: Cell::new(Vec::new()),
         });
         DRIVER.with(|d| *d.borrow_mut() = Some(driver.clone()));
         Ok((pool, run(driver)))
@@ -167,7 +187,7 @@ impl Driver {
     /// Submits what is queued, runs the kernel's deferred work, and completes finished ops.
     fn flush(&self) {
         self.flush_asked.set(false);
-        let mut wake = Vec::new();
+        let mut wake = self.wake.take();
         {
             let mut ring = self.ring.borrow_mut();
             let pending = ring.submission().len();
@@ -202,9 +222,10 @@ impl Driver {
                 }
             }
         }
-        for w in wake {
+        for w in wake.drain(..) {
             w.wake();
         }
+        self.wake.set(wake);
     }
 }
 
@@ -292,7 +313,8 @@ impl Drop for Op {
 }
 
 /// A buffer: one of the pool's (returns itself when dropped: to the first queued direction,
-/// else to the kernel's ring), or a heap buffer for bytes that arrived with the HTTP upgrade.
+/// else to the kernel's ring or the stack), or a heap buffer when `Pool::acquire` finds every
+/// free buffer in the kernel's ring.
 pub(crate) enum Buf {
     Pooled { pool: Rc<BufPool>, id: u16 },
     Heap(Box<[u8]>),
@@ -531,10 +553,26 @@ impl UringIo {
         types::Fd(self.fd.as_raw_fd())
     }
 
-    async fn send(&self, buf: Keep, ptr: *const u8, len: usize, flags: i32) -> (io::Result<usize>, Keep) {
-        let sqe = opcode::Send::new(self.fd(), ptr, len as u32).flags(flags).build();
-        let (res, _, keep) = Op::new(&self.driver, sqe, buf).complete().await;
-        (result(res), keep)
+    /// Sends `keep`'s bytes in `range`: all of them when `wait`, else what the socket takes
+    /// without waiting for room (MSG_DONTWAIT: io_uring answers EAGAIN instead of arming a
+    /// poll). Returns how many bytes went, and `keep` back.
+    async fn send_all(&self, mut keep: Keep, range: Range<usize>, wait: bool) -> (io::Result<usize>, Keep) {
+        let flags = if wait { libc::MSG_NOSIGNAL } else { libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT };
+        let mut sent = 0;
+        while range.start + sent < range.end {
+            let bytes = &keep.bytes()[range.start + sent..range.end];
+            let sqe = opcode::Send::new(self.fd(), bytes.as_ptr(), bytes.len() as u32).flags(flags).build();
+            let (res, _, k) = Op::new(&self.driver, sqe, keep).complete().await;
+            keep = k;
+            match result(res) {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), keep),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (Err(e), keep),
+            }
+        }
+        (Ok(sent), keep)
     }
 }
 
@@ -620,47 +658,14 @@ impl Io for UringIo {
     }
 
     async fn write_now(&self, buf: Buf, range: Range<usize>) -> (io::Result<usize>, Buf) {
-        let mut keep = Keep::Buf(buf);
-        let mut sent = 0;
-        let res = loop {
-            if range.start + sent == range.end {
-                break Ok(sent);
-            }
-            let Keep::Buf(b) = &keep else { unreachable!("the op hands back what it kept") };
-            let ptr = b[range.start + sent..].as_ptr();
-            // MSG_DONTWAIT: io_uring answers EAGAIN instead of waiting for room.
-            let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-            let (res, k) = self.send(keep, ptr, range.end - range.start - sent, flags).await;
-            keep = k;
-            match res {
-                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(sent),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        let Keep::Buf(b) = keep else { unreachable!("the op hands back what it kept") };
-        (res, b)
+        let (res, keep) = self.send_all(Keep::Buf(buf), range, false).await;
+        let Keep::Buf(buf) = keep else { unreachable!("send_all hands back what it was given") };
+        (res, buf)
     }
 
     async fn write_owned(&self, bytes: Vec<u8>) -> io::Result<()> {
         let len = bytes.len();
-        let mut keep = Keep::Bytes(bytes);
-        let mut at = 0;
-        while at < len {
-            let Keep::Bytes(v) = &keep else { unreachable!("the op hands back what it kept") };
-            let ptr = v[at..].as_ptr();
-            let (res, k) = self.send(keep, ptr, len - at, libc::MSG_NOSIGNAL).await;
-            keep = k;
-            match res {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => at += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        self.send_all(Keep::Bytes(bytes), 0..len, true).await.0.map(drop)
     }
 
     fn shutdown(&self) {
