@@ -42,6 +42,8 @@ use crate::ws::HEADROOM;
 const GROUP: u16 = 0;
 /// The kernel ring's least depth, whatever the load.
 const MIN_DEPTH: usize = 8;
+/// IORING_RECVSEND_POLL_FIRST (in the SQE's ioprio): wait for readiness before trying.
+const RECV_POLL_FIRST: u16 = 1;
 /// `user_data` of cancellations, whose completions nobody waits for.
 const CANCEL: u64 = u64::MAX;
 
@@ -62,9 +64,9 @@ impl Backend for Uring {
 
     fn adopt(stream: std::net::TcpStream) -> io::Result<UringIo> {
         super::tune(&stream)?;
-        // io_uring waits for socket readiness itself; a blocking descriptor keeps it from
-        // handing EAGAIN back to us.
-        stream.set_nonblocking(false)?;
+        // Non-blocking: io_uring still waits for readiness itself (it arms a poll), and a
+        // receive or send asked not to wait (MSG_DONTWAIT) can never park in a kernel worker.
+        stream.set_nonblocking(true)?;
         Ok(UringIo { fd: stream.into(), driver: driver(), maybe_more: Cell::new(false) })
     }
 }
@@ -597,8 +599,13 @@ impl Io for UringIo {
                 return Ok(UringReady::Handed(Some(pool.wait_turn().await)));
             }
             let len = (pool.size - HEADROOM) as u32;
+            // The kernel picks the buffer when the receive is issued, before it looks for data:
+            // unless the last receive suggests more is waiting, wait for data first (POLL_FIRST),
+            // so a quiet socket neither takes a buffer nor fails with ENOBUFS when the ring is dry.
+            let poll_first = if self.maybe_more.get() { 0 } else { RECV_POLL_FIRST };
             let sqe = opcode::Recv::new(self.fd(), std::ptr::null_mut(), len)
                 .buf_group(GROUP)
+                .ioprio(poll_first)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT);
             let (res, flags, _) = Op::new(&self.driver, sqe, Keep::Nothing).complete().await;
