@@ -22,7 +22,7 @@ pub type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 pub(crate) struct TlsIo<B> {
     /// Borrowed only inside a single poll, never across an await.
     tls: RefCell<TlsStream>,
-    /// The last read filled its buffer: rustls may hold more plaintext than the socket shows.
+    /// The last read got plaintext: rustls may hold more than the socket's readiness shows.
     maybe_more: Cell<bool>,
     _buf: PhantomData<B>,
 }
@@ -49,7 +49,6 @@ impl<B: DerefMut<Target = [u8]>> Io for TlsIo<B> {
     }
 
     async fn read(&self, _: (), mut buf: B) -> (io::Result<Option<usize>>, B) {
-        let cap = buf.len() - HEADROOM;
         let res = std::future::poll_fn(|cx| {
             let mut rb = ReadBuf::new(&mut buf[HEADROOM..]);
             Poll::Ready(match Pin::new(&mut *self.tls.borrow_mut()).poll_read(cx, &mut rb) {
@@ -60,7 +59,10 @@ impl<B: DerefMut<Target = [u8]>> Io for TlsIo<B> {
             })
         })
         .await;
-        self.maybe_more.set(matches!(res, Ok(Some(n)) if n == cap));
+        // Any plaintext read means rustls may hold more (its plaintext limit can leave whole
+        // records undecrypted, with the socket already drained): read again until it says
+        // Pending, which it does only after the socket would block.
+        self.maybe_more.set(matches!(res, Ok(Some(n)) if n > 0));
         (res, buf)
     }
 
