@@ -83,9 +83,23 @@ async fn connect_rotating(addr: SocketAddr) -> TcpStream {
     socket.connect(addr).await.expect("connect")
 }
 
+/// How much unsent data a synthetic peer lets its kernel queue (TCP_NOTSENT_LOWAT).
+const PEER_UNSENT: u32 = 128 << 10;
+
+/// Sets up a synthetic peer's socket: no Nagle delay, and a bounded unsent queue. The peers share
+/// this kernel with the relay; with the default (send buffers autotuned to 4 MiB each), 1,000 busy
+/// tunnels' peers queued ~1.3 GB, pushed TCP memory to the system's hard limit (`tcp_mem`), and
+/// the kernel then stalled whole tunnels (zero windows, retransmission backoff) for seconds: a
+/// cost of the load generator that the relay's figures would have carried. A remote client's
+/// queue lives on its own machine.
+fn peer_socket(s: &TcpStream) {
+    s.set_nodelay(true).unwrap();
+    socket2::SockRef::from(s).set_tcp_notsent_lowat(PEER_UNSENT).unwrap();
+}
+
 async fn ws_handshake(addr: SocketAddr, path: &str, token: &str) -> Result<TcpStream, String> {
     let mut s = connect_rotating(addr).await;
-    s.set_nodelay(true).unwrap();
+    peer_socket(&s);
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
@@ -209,8 +223,8 @@ impl Rig {
                 let addr = self.splice_addr.unwrap();
                 let a = TcpStream::connect(addr).await.unwrap();
                 let b = TcpStream::connect(addr).await.unwrap();
-                a.set_nodelay(true).unwrap();
-                b.set_nodelay(true).unwrap();
+                peer_socket(&a);
+                peer_socket(&b);
                 // The splice relay pairs connections in arrival order; make sure A arrived first.
                 (a, b)
             }
@@ -220,9 +234,10 @@ impl Rig {
                 let (b, _) = l.accept().unwrap();
                 a.set_nonblocking(true).unwrap();
                 b.set_nonblocking(true).unwrap();
-                a.set_nodelay(true).unwrap();
-                b.set_nodelay(true).unwrap();
-                (TcpStream::from_std(a).unwrap(), TcpStream::from_std(b).unwrap())
+                let (a, b) = (TcpStream::from_std(a).unwrap(), TcpStream::from_std(b).unwrap());
+                peer_socket(&a);
+                peer_socket(&b);
+                (a, b)
             }
         }
     }
@@ -563,7 +578,7 @@ async fn run(opts: Opts) {
     }
 
     if scenario("busy") {
-        busy_tunnels(&relays, busy, secs, &opts).await;
+        busy_tunnels(&paths, busy, secs, &opts).await;
     }
     if scenario("rtt") {
         round_trips(&paths, rounds).await;
@@ -599,27 +614,28 @@ fn selected(paths: &[Path]) -> Vec<Path> {
     paths.iter().copied().filter(|p| only.split(',').any(|s| s.trim() == key(p))).collect()
 }
 
-async fn busy_tunnels(relays: &[Path], busy: usize, secs: f64, opts: &Opts) {
+async fn busy_tunnels(paths: &[Path], busy: usize, secs: f64, opts: &Opts) {
     println!("\nbulk, {busy} busy tunnels, 16 KiB frames, both directions");
     println!(
         "{:<18} {:>9} {:>10} {:>17} {:>8} {:>9}",
         "path", "GB/s", "vs epoll", "slowest/fastest", "starved", "RSS MB"
     );
     let mut rows = Vec::new();
-    for &path in relays {
+    for &path in paths {
         let mut rig = Rig::new(path).await;
         rows.push((path, bulk(&mut rig, busy, 16 << 10, secs * 2.0, opts).await));
     }
     let base = rows.iter().find(|(p, _)| *p == Path::Relay("epoll")).map_or(f64::NAN, |(_, b)| b.gbps);
     for (path, b) in &rows {
+        let rss = if *path == Path::Direct { "-".to_string() } else { format!("{:.1}", b.rss_mb) };
         println!(
-            "{:<18} {:>9.2} {:>9.2}x {:>17.3} {:>8} {:>9.1}",
+            "{:<18} {:>9.2} {:>9.2}x {:>17.3} {:>8} {:>9}",
             path.name(),
             b.gbps,
             b.gbps / base,
             b.slowest_over_fastest,
             b.starved,
-            b.rss_mb
+            rss
         );
     }
 }
