@@ -310,9 +310,14 @@ impl Op {
     }
 
     fn poll_done(&mut self, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
+        // Each completion spends a unit of the task's cooperative budget, as tokio's own
+        // sockets do: operations that complete inline would otherwise let one busy direction
+        // loop without ever yielding to the worker's other tunnels.
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         let mut ops = self.driver.ops.borrow_mut();
         match &mut ops[self.key] {
             OpState::Done { res, flags } => {
+                coop.made_progress();
                 let out = (*res, *flags);
                 ops.remove(self.key);
                 self.done = true;
