@@ -135,8 +135,13 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
         })
     };
 
-    // The well-behaved traffic.
-    let good: Vec<_> = (0..20u64).map(|i| thread::spawn(move || good_tunnel(local, 100 + i, 64 << 20))).collect();
+    // The well-behaved traffic: 20 tunnels, each 64 MiB each way in 8 MiB transfers. (Bounded per
+    // transfer: everything here shares one kernel, and 20 echo loops of 64 MiB at once could
+    // queue over a GB in socket buffers, enough to hit the system's TCP memory limit and stall
+    // connections in retransmission backoff for minutes.)
+    let good: Vec<_> = (0..20u64)
+        .map(|i| thread::spawn(move || (0..8).all(|round| good_tunnel(local, 100 + i * 8 + round, 8 << 20))))
+        .collect();
 
     // 500 handshakes that never finish.
     let addr = relay.addr;
@@ -227,11 +232,11 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
         (n, refused)
     });
 
-    let intact = good.into_iter().map(|g| g.join().unwrap()).filter(|ok| *ok).count();
     let stalled = stallers.join().unwrap();
     let streams: u64 = frame_attackers.into_iter().map(|a| a.join().unwrap()).sum();
     let garbage = agent_garbage.join().unwrap();
     let (resets, resets_refused) = resetters.join().unwrap();
+    let intact = good.into_iter().map(|g| g.join().unwrap()).filter(|ok| *ok).count();
     done.store(true, Relaxed);
     monitor.join().unwrap();
 
