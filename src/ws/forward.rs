@@ -79,9 +79,9 @@ pub struct Forwarder {
     phase: u8,
     opcode: OpCode,
     fin: bool,
-    /// The current control frame's payload, unmasked, so it can be reported whole.
-    control: [u8; MAX_CONTROL_PAYLOAD],
-    control_len: u8,
+    /// The current control frame's payload, unmasked, so it can be reported whole. Allocated
+    /// on the first control frame only: an idle tunnel's two forwarders stay small.
+    control: Vec<u8>,
     /// Inside a fragmented message: only Continuation (or control) frames may come next.
     fragmented: bool,
     /// The peer sent Close: nothing may follow.
@@ -102,8 +102,7 @@ impl Forwarder {
             phase: 0,
             opcode: OpCode::Binary,
             fin: true,
-            control: [0; MAX_CONTROL_PAYLOAD],
-            control_len: 0,
+            control: Vec::new(),
             fragmented: false,
             closed: false,
             failed: None,
@@ -168,9 +167,11 @@ impl Forwarder {
                 let n = self.remaining.min((end - r) as u64) as usize;
                 unmask_move(buf, r, w, n, self.mask, self.phase as usize);
                 if self.opcode.is_control() {
-                    let at = self.control_len as usize;
-                    self.control[at..at + n].copy_from_slice(&buf[w..w + n]);
-                    self.control_len += n as u8;
+                    if self.control.capacity() == 0 {
+                        // At most 125 bytes: the header was checked.
+                        self.control.reserve_exact(MAX_CONTROL_PAYLOAD);
+                    }
+                    self.control.extend_from_slice(&buf[w..w + n]);
                 }
                 r += n;
                 w += n;
@@ -289,14 +290,16 @@ impl Forwarder {
             }
             return Ok(());
         }
-        let payload = &self.control[..self.control_len as usize];
-        self.control_len = 0;
-        if self.opcode == OpCode::Close {
-            validate_close(payload)?;
-            self.closed = true;
+        let payload = std::mem::take(&mut self.control);
+        let result = if self.opcode == OpCode::Close { validate_close(&payload) } else { Ok(()) };
+        if result.is_ok() {
+            self.closed |= self.opcode == OpCode::Close;
+            on_event(Event::Control { opcode: self.opcode, payload: &payload });
         }
-        on_event(Event::Control { opcode: self.opcode, payload });
-        Ok(())
+        // Keep the allocation for the next control frame.
+        self.control = payload;
+        self.control.clear();
+        result
     }
 }
 

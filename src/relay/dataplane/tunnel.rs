@@ -341,48 +341,54 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
         end = &mut to_client => (Dir::ToClient, end),
         _ = &mut idle => unreachable!("the idle watch never returns"),
     };
-    let reason = match &first {
-        PumpEnd::Closed => format!("{} closed", first_dir.source()),
-        PumpEnd::Gone => format!("{} disconnected", first_dir.source()),
-        PumpEnd::Violation(e) => {
-            relay.metrics.frame_errors.fetch_add(1, Relaxed);
-            format!("{} protocol error: {e}", first_dir.source())
-        }
-        PumpEnd::Stopped => ctl.why.borrow().clone().unwrap_or_else(|| "closed by the relay".into()),
-    };
-    let other = async {
-        match first_dir {
-            Dir::ToDevice => (&mut to_client).await,
-            Dir::ToClient => (&mut to_device).await,
-        }
-    };
-    tokio::pin!(other);
-    if let PumpEnd::Closed = first {
-        // A normal close: the other side may keep sending (TCP half-close) until it closes too;
-        // only the idle timeout ends a half-closed tunnel early.
-        tokio::select! {
-            _ = &mut other => {}
-            _ = &mut idle => unreachable!("the idle watch never returns"),
-        }
-    } else {
-        // The other pump writes to the first pump's source: a violator hears why.
-        let to_source = match &first {
-            PumpEnd::Violation(e) => Some(encode::close(e.close_code(), &e.to_string())),
-            _ => None,
+    // The close runs in a boxed future of its own: an idle tunnel's task carries none of its
+    // state (the close timer alone is ~100 bytes).
+    let reason = Box::pin(async {
+        let reason = match &first {
+            PumpEnd::Closed => format!("{} closed", first_dir.source()),
+            PumpEnd::Gone => format!("{} disconnected", first_dir.source()),
+            PumpEnd::Violation(e) => {
+                relay.metrics.frame_errors.fetch_add(1, Relaxed);
+                format!("{} protocol error: {e}", first_dir.source())
+            }
+            PumpEnd::Stopped => ctl.why.borrow().clone().unwrap_or_else(|| "closed by the relay".into()),
         };
-        match first_dir {
-            Dir::ToDevice => ctl.stop(None, to_source),
-            Dir::ToClient => ctl.stop(to_source, None),
+        let other = async {
+            match first_dir {
+                Dir::ToDevice => (&mut to_client).await,
+                Dir::ToClient => (&mut to_device).await,
+            }
+        };
+        tokio::pin!(other);
+        if let PumpEnd::Closed = first {
+            // A normal close: the other side may keep sending (TCP half-close) until it closes too;
+            // only the idle timeout ends a half-closed tunnel early.
+            tokio::select! {
+                _ = &mut other => {}
+                _ = &mut idle => unreachable!("the idle watch never returns"),
+            }
+        } else {
+            // The other pump writes to the first pump's source: a violator hears why.
+            let to_source = match &first {
+                PumpEnd::Violation(e) => Some(encode::close(e.close_code(), &e.to_string())),
+                _ => None,
+            };
+            match first_dir {
+                Dir::ToDevice => ctl.stop(None, to_source),
+                Dir::ToClient => ctl.stop(to_source, None),
+            }
+            let close_wait = Duration::from_secs(limits.close_timeout_secs);
+            if tokio::time::timeout(close_wait, &mut other).await.is_err() {
+                // A write stuck on a peer that stopped reading: shutting the sockets down completes
+                // it with an error, so the operation ends without being dropped.
+                client.shutdown();
+                device.shutdown();
+                other.await;
+            }
         }
-        let close_wait = Duration::from_secs(limits.close_timeout_secs);
-        if tokio::time::timeout(close_wait, &mut other).await.is_err() {
-            // A write stuck on a peer that stopped reading: shutting the sockets down completes
-            // it with an error, so the operation ends without being dropped.
-            client.shutdown();
-            device.shutdown();
-            other.await;
-        }
-    }
+        reason
+    })
+    .await;
     client.shutdown();
     device.shutdown();
     ConnEnd { to_device: moved.bytes[0].get(), to_client: moved.bytes[1].get(), reason }
