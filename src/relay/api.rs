@@ -167,7 +167,6 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAdd
         relay.metrics.handshake_failed(HandshakeFailure::BadToken);
         return error(StatusCode::UNAUTHORIZED, "invalid credentials");
     };
-
     match (req.method().clone(), &segs[2..]) {
         (Method::POST, ["sessions"]) => {
             let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();

@@ -290,14 +290,12 @@ impl Forwarder {
             }
             return Ok(());
         }
-        let payload = std::mem::take(&mut self.control);
-        let result = if self.opcode == OpCode::Close { validate_close(&payload) } else { Ok(()) };
+        let result = if self.opcode == OpCode::Close { validate_close(&self.control) } else { Ok(()) };
         if result.is_ok() {
             self.closed |= self.opcode == OpCode::Close;
-            on_event(Event::Control { opcode: self.opcode, payload: &payload });
+            on_event(Event::Control { opcode: self.opcode, payload: &self.control });
         }
-        // Keep the allocation for the next control frame.
-        self.control = payload;
+        // Cleared, not freed: the allocation serves the next control frame.
         self.control.clear();
         result
     }

@@ -3,9 +3,9 @@
 //!
 //! This is the only part of ringway that touches io_uring (in `uring`). The backend seam is
 //! small: a backend adopts a socket ([`tunnel::Io`]) and owns a pool ([`tunnel::Pool`]); the
-//! forwarding logic in `tunnel` is written once for both. `epoll` is the fallback for machines
-//! without io_uring (Docker's default seccomp profile, old kernels), chosen by [`probe`] at
-//! start or forced with `--backend`.
+//! forwarding logic in `tunnel` is written once for both. `epoll` is the default (it won the
+//! load benchmark); `--backend uring` selects io_uring, and [`probe`] refuses it where this
+//! process cannot create a ring (Docker's default seccomp profile, old kernels).
 //!
 //! Both sockets of a connection live on one worker: the control plane hands every upgraded
 //! socket (with the bytes hyper read past the request) to the owner worker as a [`Cmd`].

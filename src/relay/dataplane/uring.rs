@@ -1,9 +1,12 @@
 //! The io_uring backend written directly on the `io-uring` crate.
 //!
 //! One ring per worker (SINGLE_ISSUER, DEFER_TASKRUN), driven from the worker's tokio
-//! current-thread runtime: operations queue their submissions, a driver task submits them once
-//! per pass of the run queue, and completions are reaped before the runtime parks and whenever
-//! the ring's eventfd (signalled when the kernel has deferred work for us) wakes the reactor.
+//! current-thread runtime. An operation likely to complete at once (a send, a receive after a
+//! full one) is submitted and reaped on the spot, so its bytes are still in cache when the codec
+//! or the send touches them. Receives that wait for data and cancellations are queued, and a
+//! driver task submits them once per pass of the run queue. Completions are also reaped before
+//! the runtime parks, and whenever the ring's eventfd (signalled when the kernel has deferred
+//! work for us) wakes the reactor.
 //!
 //! Receives pick their buffer from a provided buffer ring, so an idle direction holds no buffer:
 //! it has one receive armed in the kernel, nothing else. The codec rewrites the kernel-chosen
@@ -164,7 +167,8 @@ impl Driver {
         });
     }
 
-    /// Queues `sqe` (its `user_data` set to a fresh op slot) and returns the slot.
+    /// Queues `sqe` (its `user_data` set to a fresh op slot) and returns the slot. Whoever
+    /// queues also sees to its submission: [`Driver::ask_flush`] or [`Driver::submit_now`].
     fn push(&self, sqe: squeue::Entry) -> usize {
         let key = self.ops.borrow_mut().insert(OpState::Waiting(None));
         self.push_raw(sqe.user_data(key as u64));
@@ -180,7 +184,10 @@ impl Driver {
                 tracing::error!("io_uring submit failed with a full submission queue: {e}");
             }
         }
-        drop(ring);
+    }
+
+    /// Asks the driver task to submit what is queued on its next turn.
+    fn ask_flush(&self) {
         if !self.flush_asked.replace(true) {
             self.flush.notify_one();
         }
@@ -292,15 +299,16 @@ impl Op {
     /// Queues `sqe` for the driver's next submission.
     fn new(driver: &Rc<Driver>, sqe: squeue::Entry, keep: Keep) -> Op {
         let key = driver.push(sqe);
+        driver.ask_flush();
         Op { driver: driver.clone(), key, keep, done: false }
     }
 
     /// Submits `sqe` at once, for an operation likely to complete inline; see
     /// [`Driver::submit_now`].
     fn now(driver: &Rc<Driver>, sqe: squeue::Entry, keep: Keep) -> Op {
-        let op = Op::new(driver, sqe, keep);
+        let key = driver.push(sqe);
         driver.submit_now();
-        op
+        Op { driver: driver.clone(), key, keep, done: false }
     }
 
     /// Waits for the completion: `(result, flags, what the op kept)`.
@@ -350,6 +358,7 @@ impl Drop for Op {
         ops[self.key] = OpState::Orphan(std::mem::replace(&mut self.keep, Keep::Nothing));
         drop(ops);
         self.driver.push_raw(opcode::AsyncCancel::new(self.key as u64).build().user_data(CANCEL));
+        self.driver.ask_flush();
     }
 }
 
