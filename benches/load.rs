@@ -68,7 +68,7 @@ struct Rig {
     relay: Option<Relay>,
     splice: Option<Proc>,
     splice_addr: Option<SocketAddr>,
-    agent: Option<ringway::peer::Channel>,
+    agent: Option<ringway::channel::Channel>,
     session: Option<(String, String)>,
     direct: Option<TcpListener>,
     pid: Option<u32>,
@@ -148,12 +148,16 @@ impl Rig {
                 let url = ringway::peer::RelayUrl::parse(&relay.url()).unwrap();
                 let ws =
                     ringway::peer::dial(&url, &format!("/api/v1/agent?device={DEVICE_ID}"), DEVICE_KEY).await.unwrap();
-                let ch = ringway::peer::channel(ws, 1 << 20);
-                ch.tx
-                    .send(ringway::peer::Outgoing::Text(
-                        r#"{"type":"hello","services":["bench"],"version":"bench"}"#.into(),
-                    ))
-                    .unwrap();
+                let limits = ringway::channel::Limits {
+                    max_message: 1 << 20,
+                    peer_masks: false,
+                    stall: Duration::from_secs(60),
+                };
+                let ch = ringway::channel::channel(ws, limits);
+                ch.send(ringway::channel::Outgoing::Text(
+                    r#"{"type":"hello","services":["bench"],"version":"bench"}"#.into(),
+                ))
+                .unwrap();
                 // The channel's tasks run on this runtime: wait without blocking it.
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
@@ -206,13 +210,13 @@ impl Rig {
                 let agent = self.agent.as_mut().unwrap();
                 let (session, conn, device_token) = loop {
                     match agent.rx.recv().await.expect("agent channel") {
-                        ringway::peer::Incoming::Text(t) => match serde_json::from_str(&t).unwrap() {
+                        ringway::channel::Incoming::Text(t) => match serde_json::from_str(&t).unwrap() {
                             ringway::proto::ToAgent::Connect { session, conn, token, .. } => {
                                 break (session, conn, token)
                             }
                         },
-                        ringway::peer::Incoming::Alive => {}
-                        ringway::peer::Incoming::Closed(c) => panic!("agent channel closed: {c:?}"),
+                        ringway::channel::Incoming::Ping | ringway::channel::Incoming::Pong => {}
+                        other => panic!("agent channel ended: {other:?}"),
                     }
                 };
                 let device_path = format!("/api/v1/sessions/{session}/device?conn={conn}");

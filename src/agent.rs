@@ -12,8 +12,10 @@ use anyhow::{bail, Context};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::peer::{self, Incoming, Outgoing, RelayUrl};
+use crate::channel::{self, Incoming, Outgoing};
+use crate::peer::{self, RelayUrl};
 use crate::proto::{FromAgent, ToAgent};
+use crate::ws::CloseCode;
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -38,6 +40,11 @@ const RELAY_SILENCE: Duration = Duration::from_secs(35);
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The relay refused this agent: another agent holds the device id.
+#[derive(Debug, thiserror::Error)]
+#[error("the relay refused this agent: {0} (is this device's key in use on another device?)")]
+struct Conflict(String);
+
 /// Runs the agent until the process ends.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut backoff = MIN_BACKOFF;
@@ -45,6 +52,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let began = Instant::now();
         match control_session(&opts).await {
             Ok(()) => tracing::warn!(device = opts.device, "relay closed the control connection"),
+            Err(e) if e.is::<Conflict>() => {
+                tracing::error!(device = opts.device, "{e:#}");
+                backoff = MAX_BACKOFF;
+            }
             Err(e) => tracing::warn!(device = opts.device, "control connection: {e:#}"),
         }
         if began.elapsed() > Duration::from_secs(10) {
@@ -61,29 +72,37 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 async fn control_session(opts: &AgentOptions) -> anyhow::Result<()> {
     let path = format!("/api/v1/agent?device={}", opts.device);
     let ws = peer::dial(&opts.relay, &path, &opts.key).await?;
-    let mut ch = peer::channel(ws, 64 << 10);
+    let limits = channel::Limits { max_message: 64 << 10, peer_masks: false, stall: RELAY_SILENCE };
+    let mut ch = channel::channel(ws, limits);
     let hello = FromAgent::Hello {
         services: opts.services.keys().cloned().collect(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    ch.tx.send(Outgoing::Text(serde_json::to_string(&hello)?))?;
+    ch.send(Outgoing::Text(serde_json::to_string(&hello)?))?;
     tracing::info!(device = opts.device, relay = opts.relay.authority, "connected to relay");
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<FromAgent>();
     loop {
         tokio::select! {
             incoming = tokio::time::timeout(RELAY_SILENCE, ch.rx.recv()) => match incoming.unwrap_or(Some(Incoming::Closed(None))) {
-                Some(Incoming::Alive) => {}
+                Some(Incoming::Ping | Incoming::Pong) => {}
                 Some(Incoming::Text(t)) => match serde_json::from_str::<ToAgent>(&t) {
                     Ok(ToAgent::Connect { session, conn, service, token }) => {
                         tokio::spawn(connect(opts.clone(), session, conn, service, token, fail_tx.clone()));
                     }
                     Err(e) => tracing::warn!("relay sent an unknown message ({e}): ignored"),
                 },
-                Some(Incoming::Closed(Some((code, reason)))) => bail!("relay closed the control connection: {code} {reason}"),
+                Some(Incoming::Closed(Some((code, reason)))) if code == CloseCode::DEVICE_CONFLICT.0 => {
+                    return Err(Conflict(crate::proto::printable(&reason, 200)).into());
+                }
+                Some(Incoming::Closed(Some((code, reason)))) => {
+                    bail!("relay closed the control connection: {code} {}", crate::proto::printable(&reason, 200))
+                }
+                Some(Incoming::Violation(code, why)) => bail!("the relay broke the protocol ({why}); closed with {code}"),
+                Some(Incoming::Stalled) => bail!("the relay stopped reading the control connection"),
                 Some(Incoming::Closed(None)) | None => bail!("control connection lost"),
             },
             Some(failure) = fail_rx.recv() => {
-                ch.tx.send(Outgoing::Text(serde_json::to_string(&failure)?))?;
+                ch.send(Outgoing::Text(serde_json::to_string(&failure)?))?;
             }
         }
     }

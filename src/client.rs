@@ -6,13 +6,16 @@
 use std::net::SocketAddr;
 use std::process::ExitStatus;
 
+use std::time::Duration;
+
 use anyhow::Context;
-use hyper::Method;
+use hyper::{Method, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::peer::{self, Incoming, RelayUrl};
-use crate::proto::{SessionEvent, SessionStarted, StartSession};
+use crate::channel::{self, Incoming};
+use crate::peer::{self, RelayUrl};
+use crate::proto::{printable, SessionEvent, SessionStarted, StartSession};
 
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -28,10 +31,17 @@ pub struct Session {
     pub relay: RelayUrl,
     pub started: SessionStarted,
     operator_token: String,
-    /// Becomes `Some((code, reason))` when the relay ends the session.
+    /// Becomes `Some((code, reason))` when the session ends (the relay ended it, or its control
+    /// connection could not be re-attached within the relay's grace period).
     pub ended: watch::Receiver<Option<(u16, String)>>,
     data_path: String,
 }
+
+/// Without a word from the relay (it pings every 10 s) for this long, the control connection
+/// is dead.
+const RELAY_SILENCE: Duration = Duration::from_secs(35);
+/// How long a session outlives its control connection when the relay does not say.
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 impl Session {
     /// Starts a session and attaches its control connection.
@@ -46,39 +56,14 @@ impl Session {
             .context("starting a session")?;
         let started: SessionStarted = serde_json::from_slice(&resp).context("the relay's session answer")?;
         let data_path = peer::url_path(&started.client_url)?;
-        let control_path = format!("/api/v1/sessions/{}/control", started.id);
-        let ws = peer::dial(&opts.relay, &control_path, &started.client_token).await?;
-        let mut ch = peer::channel(ws, 64 << 10);
+        let control = Control {
+            relay: opts.relay.clone(),
+            path: format!("/api/v1/sessions/{}/control", started.id),
+            token: started.client_token.clone(),
+        };
+        let ws = peer::dial(&control.relay, &control.path, &control.token).await?;
         let (ended_tx, ended) = watch::channel(None);
-        tokio::spawn(async move {
-            // Holding `ch.tx` keeps the control connection open for the life of the session.
-            let _keep = ch.tx;
-            while let Some(msg) = ch.rx.recv().await {
-                match msg {
-                    Incoming::Alive => {}
-                    Incoming::Text(t) => match serde_json::from_str::<SessionEvent>(&t) {
-                        Ok(SessionEvent::DeviceOffline) => tracing::warn!("device went offline"),
-                        Ok(SessionEvent::DeviceOnline) => tracing::info!("device is back online"),
-                        Ok(SessionEvent::Ready { device_online: false, device, .. }) => {
-                            tracing::warn!("device {device} is offline; connections fail until it is back")
-                        }
-                        Ok(SessionEvent::Closing { code, reason }) => {
-                            let _ = ended_tx.send(Some((code, reason)));
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!("unknown session event ({e})"),
-                    },
-                    Incoming::Closed(close) => {
-                        let end = close.unwrap_or((1006, "control connection lost".into()));
-                        ended_tx.send_if_modified(|e| {
-                            e.get_or_insert(end);
-                            true
-                        });
-                        return;
-                    }
-                }
-            }
-        });
+        tokio::spawn(control.keep(ws, ended_tx));
         Ok(Session { relay: opts.relay.clone(), started, operator_token: opts.token.clone(), ended, data_path })
     }
 
@@ -120,6 +105,106 @@ impl Session {
     pub async fn close(&self) {
         let path = format!("/api/v1/sessions/{}", self.started.id);
         let _ = peer::api(&self.relay, Method::DELETE, &path, &self.operator_token, None).await;
+    }
+}
+
+/// The session's control connection, kept for the life of the session.
+struct Control {
+    relay: RelayUrl,
+    path: String,
+    token: String,
+}
+
+/// How one attachment of the control connection ended.
+enum Attachment {
+    /// The relay ended the session (it said so: a `closing` event before its Close).
+    Ended(u16, String),
+    /// The connection dropped without the session ending: re-attach.
+    Lost(String),
+}
+
+impl Control {
+    /// Follows the control connection; when it drops without the session ending, re-attaches
+    /// (with backoff) within the relay's grace period, so a network blip ends no tunnel.
+    async fn keep(self, mut ws: peer::Ws, ended: watch::Sender<Option<(u16, String)>>) {
+        let mut grace = DEFAULT_GRACE;
+        loop {
+            let why = match follow(ws, &mut grace).await {
+                Attachment::Ended(code, reason) => {
+                    let _ = ended.send(Some((code, reason)));
+                    return;
+                }
+                Attachment::Lost(why) => why,
+            };
+            tracing::warn!("session control connection lost ({why}); re-attaching");
+            let give_up = tokio::time::Instant::now() + grace;
+            let mut backoff = Duration::from_millis(200);
+            ws = loop {
+                if tokio::time::Instant::now() >= give_up {
+                    let reason = format!("control connection lost ({why}) and not re-attached within {grace:?}");
+                    let _ = ended.send(Some((1001, reason)));
+                    return;
+                }
+                tokio::time::sleep(backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                match peer::dial(&self.relay, &self.path, &self.token).await {
+                    Ok(ws) => {
+                        tracing::info!("re-attached to the session");
+                        break ws;
+                    }
+                    Err(e)
+                        if e.downcast_ref::<peer::Refused>().is_some_and(|r| r.status == StatusCode::UNAUTHORIZED) =>
+                    {
+                        let reason = "the session ended while its control connection was down".to_string();
+                        let _ = ended.send(Some((1001, reason)));
+                        return;
+                    }
+                    Err(e) => tracing::debug!("re-attaching: {e:#}"),
+                }
+            };
+        }
+    }
+}
+
+async fn follow(ws: peer::Ws, grace: &mut Duration) -> Attachment {
+    let limits = channel::Limits { max_message: 64 << 10, peer_masks: false, stall: RELAY_SILENCE };
+    let mut ch = channel::channel(ws, limits);
+    let mut closing: Option<(u16, String)> = None;
+    loop {
+        let Ok(msg) = tokio::time::timeout(RELAY_SILENCE, ch.rx.recv()).await else {
+            return Attachment::Lost(format!("no word from the relay for {RELAY_SILENCE:?}"));
+        };
+        match msg {
+            Some(Incoming::Ping | Incoming::Pong) => {}
+            Some(Incoming::Text(t)) => match serde_json::from_str::<SessionEvent>(&t) {
+                Ok(SessionEvent::DeviceOffline) => tracing::warn!("device went offline"),
+                Ok(SessionEvent::DeviceOnline) => tracing::info!("device is back online"),
+                Ok(SessionEvent::Ready { device_online, device, client_grace_secs, .. }) => {
+                    if let Some(secs) = client_grace_secs {
+                        *grace = Duration::from_secs(secs);
+                    }
+                    if !device_online {
+                        tracing::warn!("device {device} is offline; connections fail until it is back");
+                    }
+                }
+                Ok(SessionEvent::Closing { code, reason }) => closing = Some((code, printable(&reason, 200))),
+                Err(e) => tracing::debug!("unknown session event ({e})"),
+            },
+            Some(Incoming::Closed(close)) => {
+                return match closing {
+                    Some((code, reason)) => Attachment::Ended(code, reason),
+                    None => Attachment::Lost(match close {
+                        Some((code, reason)) => format!("closed with {code} {}", printable(&reason, 200)),
+                        None => "connection broke".to_string(),
+                    }),
+                };
+            }
+            Some(Incoming::Violation(code, why)) => {
+                return Attachment::Lost(format!("relay broke the protocol: {code} {why}"))
+            }
+            Some(Incoming::Stalled) => return Attachment::Lost("the relay stopped reading".into()),
+            None => return Attachment::Lost("connection broke".into()),
+        }
     }
 }
 
@@ -169,10 +254,19 @@ pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
                     0
                 }
             };
-            if let Some((code, reason)) = session.ended.borrow().clone() {
-                eprintln!("ringway: session ended: {code} {reason}");
+            // Ended by the relay (closed, expired, device lost, control connection gone for
+            // good): say why and exit non-zero. Ctrl-C or the program's own exit keep theirs.
+            match session.ended.borrow().clone() {
+                Some((end, reason)) => {
+                    eprintln!("ringway: session ended: {end} {reason}");
+                    if code == 0 {
+                        1
+                    } else {
+                        code
+                    }
+                }
+                None => code,
             }
-            code
         }
     };
     session.close().await;

@@ -70,7 +70,7 @@ impl Credential {
                 Ok(Credential::Plain(p))
             }
             (None, Some(h)) => {
-                let bytes: Option<Vec<u8>> = (h.len() == 64)
+                let bytes: Option<Vec<u8>> = (h.len() == 64 && h.is_ascii())
                     .then(|| (0..32).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()).collect())
                     .flatten();
                 let bytes = bytes.ok_or_else(|| format!("{what}_sha256 must be 64 hex digits"))?;
@@ -91,11 +91,23 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// What an operator may do on the control API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Starts sessions, and sees and ends only its own.
+    #[default]
+    Operator,
+    /// Also sees and ends every operator's sessions.
+    Admin,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, try_from = "RawOperator")]
 pub struct Operator {
     pub name: String,
     pub token: Credential,
+    pub role: Role,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +116,8 @@ struct RawOperator {
     name: String,
     token: Option<Secret>,
     token_sha256: Option<String>,
+    #[serde(default)]
+    role: Role,
 }
 
 impl TryFrom<RawOperator> for Operator {
@@ -111,7 +125,7 @@ impl TryFrom<RawOperator> for Operator {
     fn try_from(r: RawOperator) -> Result<Operator, String> {
         let token =
             Credential::from_pair("token", r.token, r.token_sha256).map_err(|e| format!("operator {}: {e}", r.name))?;
-        Ok(Operator { name: r.name, token })
+        Ok(Operator { name: r.name, token, role: r.role })
     }
 }
 
@@ -154,21 +168,36 @@ pub struct Limits {
     /// How long a closing tunnel waits for the other side's Close.
     pub close_timeout_secs: u64,
     pub max_sessions: usize,
+    /// Sessions one operator may hold open at once.
+    pub max_sessions_per_operator: usize,
+    /// A session that no client attached to (control or data connection) within this long is
+    /// ended: it would otherwise hold a slot for its whole lifetime.
+    pub attach_timeout_secs: u64,
     pub max_connections_per_session: usize,
-    /// A connection must finish its HTTP request headers within this time.
+    /// A connection must finish its HTTP request headers (and an API request its body) within
+    /// this time.
     pub handshake_timeout_secs: u64,
     /// A tunnel with no bytes either way for this long is closed with 1001.
     pub idle_timeout_secs: u64,
     /// Connections in their HTTP phase at once, relay-wide; more are closed on accept.
     pub max_handshakes: usize,
+    /// Once half of those are in use, an address holding this many gets no more (its further
+    /// connections are closed on accept): one address holds at most half the slots.
+    pub max_handshakes_per_address: usize,
     /// Largest HTTP request head (bytes); larger gets 431.
     pub max_header_bytes: usize,
     /// Largest JSON message on the agent and session control channels (bytes).
     pub max_control_message_bytes: usize,
+    /// Control connections are pinged this often; a peer that answers no ping for three periods,
+    /// or takes three periods to read what the relay writes, is dropped.
+    pub keepalive_secs: u64,
+    /// How long the relay waits for a device's agent to reconnect before declaring the device
+    /// lost (4004): its tunnels keep running meanwhile.
+    pub agent_grace_secs: u64,
     /// On SIGTERM, tunnels get this long to finish before they are closed with 1001.
     pub drain_timeout_secs: u64,
-    /// After 5 failed logins within a minute from one address, each further failure from it
-    /// is answered this much later.
+    /// After 5 failed logins within a minute from one address, its credential checks are
+    /// spaced this far apart (parallel attempts queue; a long queue is refused with 429).
     pub auth_failure_delay_ms: u64,
 }
 
@@ -182,12 +211,17 @@ impl Default for Limits {
             pair_timeout_secs: 15,
             close_timeout_secs: 5,
             max_sessions: 10_000,
+            max_sessions_per_operator: 1000,
+            attach_timeout_secs: 120,
             max_connections_per_session: 256,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 600,
             max_handshakes: 1024,
+            max_handshakes_per_address: 64,
             max_header_bytes: 16 << 10,
             max_control_message_bytes: 64 << 10,
+            keepalive_secs: 10,
+            agent_grace_secs: 10,
             drain_timeout_secs: 20,
             auth_failure_delay_ms: 1000,
         }
@@ -253,7 +287,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", describe(text, &e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -291,6 +325,12 @@ impl Config {
         if l.handshake_timeout_secs == 0 || l.idle_timeout_secs == 0 || l.max_handshakes == 0 {
             bail!("limits.handshake_timeout_secs, idle_timeout_secs and max_handshakes must be above 0");
         }
+        if l.keepalive_secs == 0 || l.attach_timeout_secs == 0 || l.max_sessions_per_operator == 0 {
+            bail!("limits.keepalive_secs, attach_timeout_secs and max_sessions_per_operator must be above 0");
+        }
+        if l.max_handshakes_per_address == 0 {
+            bail!("limits.max_handshakes_per_address must be above 0");
+        }
         Ok(())
     }
 
@@ -302,6 +342,32 @@ impl Config {
     pub fn device(&self, id: &str) -> Option<&Device> {
         self.device.iter().find(|d| d.id == id)
     }
+}
+
+/// A TOML error as the operator should see it: the line and key it is about and what is wrong,
+/// never the text of that line. toml's own message quotes the offending source line, and serde's
+/// type errors quote the value: on a `token` or `key` line either would print a secret.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else { return e.message().trim().to_string() };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let mut message = e.message().trim().to_string();
+    let where_ = match line.split_once('=') {
+        Some((key, value)) => {
+            let key = key.trim().trim_matches('"');
+            // Whatever the value was, it does not go into the message.
+            let value = value.trim();
+            for shown in [value, value.trim_matches(|c| c == '"' || c == '\'')] {
+                if shown.len() >= 3 {
+                    message = message.replace(shown, "***");
+                }
+            }
+            format!("line {line_no}, key `{key}`")
+        }
+        None => format!("line {line_no}"),
+    };
+    format!("{where_}: {message}")
 }
 
 #[cfg(test)]
@@ -357,6 +423,29 @@ mod tests {
         assert!(format!("{:#}", Config::parse(&both).unwrap_err()).contains("not both"));
         let short = "[[operator]]\nname = \"ops\"\ntoken_sha256 = \"abc\"\n";
         assert!(format!("{:#}", Config::parse(short).unwrap_err()).contains("64 hex digits"));
+    }
+
+    #[test]
+    fn a_bad_line_is_named_by_line_and_key_without_its_value() {
+        for bad in [
+            "token = \"op-secret-value\n",
+            "token = op-secret-value\n",
+            "token = 123456789012\n",
+            "token = [\"op-secret-value\"]\n",
+        ] {
+            let text = format!("[[operator]]\nname = \"ops\"\n{bad}");
+            let err = format!("{:#}", Config::parse(&text).unwrap_err());
+            assert!(err.contains("line 3"), "{err}");
+            assert!(!err.contains("op-secret-value") && !err.contains("123456789012"), "{err}");
+        }
+        let err = format!("{:#}", Config::parse("[[operator]]\nname = \"ops\"\ntoken = 5\n").unwrap_err());
+        assert!(err.contains("key `token`"), "{err}");
+    }
+
+    #[test]
+    fn a_non_ascii_hash_is_an_error_not_a_panic() {
+        let text = format!("[[operator]]\nname = \"ops\"\ntoken_sha256 = \"{}\"\n", "é".repeat(32));
+        assert!(format!("{:#}", Config::parse(&text).unwrap_err()).contains("64 hex digits"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::agent::{self, AgentOptions};
 use crate::client::{ConnectOptions, Session};
-use crate::config::{Config, Credential, Device, Operator, Secret};
+use crate::config::{Config, Credential, Device, Operator, Role, Secret};
 use crate::peer::{self, RelayUrl};
 use crate::proto::DeviceInfo;
 use crate::relay::{self, BackendKind};
@@ -30,7 +30,11 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
     let operator_token = Secret::random();
     let device_key = Secret::random();
     let config = Config {
-        operator: vec![Operator { name: "demo".into(), token: Credential::Plain(operator_token.clone()) }],
+        operator: vec![Operator {
+            name: "demo".into(),
+            token: Credential::Plain(operator_token.clone()),
+            role: Role::Operator,
+        }],
         device: vec![Device { id: "demo-device".into(), key: Credential::Plain(device_key.clone()) }],
         limits: Default::default(),
         dataplane: Default::default(),

@@ -9,13 +9,15 @@
 //! - [`agent`]: runs on the device; one control connection to the relay, dials only the
 //!   services its own configuration names.
 //! - [`client`]: `ringway connect` — starts a session and serves a local port.
-//! - [`peer`]: WebSocket/HTTP plumbing the edge roles and control channels share.
+//! - [`peer`]: WebSocket/HTTP plumbing of the edge roles: dialing, API calls, the TCP splice.
+//! - [`channel`]: JSON control channels over WebSocket, bounded in every direction.
 //! - [`proto`]: the JSON messages and API bodies.
 //! - [`config`]: the relay's TOML configuration and the [`config::Secret`] type.
 //! - [`tls`]: rustls configurations for the relay and the edge roles.
 //! - [`demo`]: everything on loopback in one process, with a self-check.
 
 pub mod agent;
+pub mod channel;
 pub mod client;
 pub mod config;
 pub mod demo;

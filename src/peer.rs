@@ -1,6 +1,6 @@
-//! WebSocket and HTTP plumbing shared by the edge roles (agent, client, CLI) and the relay's
-//! control channels: relay URLs, dialing with a bearer token, control-API calls, JSON message
-//! channels, and the TCP⇄WebSocket splice. Plain tokio + fastwebsockets + hyper.
+//! WebSocket and HTTP plumbing shared by the edge roles (agent, client, CLI): relay URLs,
+//! dialing with a bearer token, control-API calls, and the TCP⇄WebSocket splice. Plain tokio +
+//! fastwebsockets + hyper. (The JSON control channels are in [`crate::channel`].)
 //!
 //! fastwebsockets' `read_frame` is not cancel-safe, so it is never raced in `select!`: each
 //! socket is split and the read half lives in a task of its own.
@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
 use hyper::upgrade::Upgraded;
@@ -19,7 +19,9 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::Mutex;
+
+use crate::channel::IntoStatic;
 
 /// The relay as the edge roles address it: `http://`/`ws://` (plain) or `https://`/`wss://`
 /// (TLS, the relay's certificate verified against the system roots or a given CA file).
@@ -73,10 +75,39 @@ impl RelayUrl {
         let Some(config) = &self.tls else { return Ok(Box::new(tcp)) };
         let name = rustls::pki_types::ServerName::try_from(self.host.clone())
             .with_context(|| format!("{:?} is not a valid TLS server name", self.host))?;
-        let tls = tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await.with_context(|| {
-            format!("TLS handshake with the relay at {} failed (is --ca the relay's CA?)", self.authority)
-        })?;
-        Ok(Box::new(tls))
+        match tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await {
+            Ok(tls) => Ok(Box::new(tls)),
+            // A plain-HTTP answer to our ClientHello: rustls finds no TLS record in it.
+            Err(e)
+                if matches!(
+                    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+                    Some(rustls::Error::InvalidMessage(_))
+                ) =>
+            {
+                bail!(
+                    "the relay at {} does not speak TLS ({e}): use http://{} instead of https://",
+                    self.authority,
+                    self.authority
+                )
+            }
+            Err(e) => Err(anyhow!(e).context(format!(
+                "TLS handshake with the relay at {} failed (is --ca the relay's CA?)",
+                self.authority
+            ))),
+        }
+    }
+
+    /// Adds a hint to an HTTP exchange that failed: a relay that answers a plain request with
+    /// bytes hyper cannot parse as HTTP is almost always a TLS relay (its answer is a TLS alert).
+    fn explain(&self, e: hyper::Error, what: String) -> anyhow::Error {
+        if self.tls.is_none() && e.is_parse() {
+            return anyhow!(
+                "{what}: the relay at {} did not answer in HTTP ({e}); it probably speaks TLS: use https://{}",
+                self.authority,
+                self.authority
+            );
+        }
+        anyhow!(e).context(what)
     }
 }
 
@@ -107,14 +138,24 @@ pub async fn dial(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<
         .header("Sec-WebSocket-Version", "13")
         .header(AUTHORIZATION, format!("Bearer {bearer}"))
         .body(Empty::<Bytes>::new())?;
-    let mut resp = sender.send_request(req).await.with_context(|| format!("WebSocket handshake for {path}"))?;
+    let mut resp =
+        sender.send_request(req).await.map_err(|e| relay.explain(e, format!("WebSocket handshake for {path}")))?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        bail!("relay refused {path}: {status} {}", error_text(&body));
+        return Err(Refused { path: path.to_string(), status, message: error_text(&body) }.into());
     }
     let upgraded = hyper::upgrade::on(&mut resp).await?;
     Ok(WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client))
+}
+
+/// The relay answered a WebSocket handshake with an error status.
+#[derive(Debug, thiserror::Error)]
+#[error("relay refused {path}: {status} {message}")]
+pub struct Refused {
+    pub path: String,
+    pub status: StatusCode,
+    pub message: String,
 }
 
 /// The `error` field of a control-API error body, or the body itself.
@@ -145,122 +186,13 @@ pub async fn api(
         req = req.header(CONTENT_TYPE, "application/json");
     }
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    let resp = sender.send_request(req).await.with_context(|| format!("{method} {path}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| relay.explain(e, format!("{method} {path}")))?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
         bail!("{method} {path}: {status}: {}", error_text(&body));
     }
     Ok(body)
-}
-
-/// What a JSON control channel delivers.
-#[derive(Debug)]
-pub enum Incoming {
-    Text(String),
-    /// A Ping or Pong arrived: the peer is alive (Pings are answered already).
-    Alive,
-    /// The peer closed (with its code and reason) or the connection broke (`None`).
-    Closed(Option<(u16, String)>),
-}
-
-/// What a JSON control channel sends.
-#[derive(Debug)]
-pub enum Outgoing {
-    Text(String),
-    Ping,
-    Close(u16, String),
-}
-
-/// A WebSocket carrying text messages, driven by a reader and a writer task. Dropping `tx`
-/// (or sending `Close`) ends the writer, which then tears the whole connection down.
-pub struct Channel {
-    pub tx: mpsc::UnboundedSender<Outgoing>,
-    pub rx: mpsc::Receiver<Incoming>,
-}
-
-/// Splits `ws` into a [`Channel`]. Messages larger than `max_message` close it with 1009.
-pub fn channel(mut ws: Ws, max_message: usize) -> Channel {
-    ws.set_max_message_size(max_message);
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    let (read, mut write) = ws.split(tokio::io::split);
-    let mut read = fastwebsockets::FragmentCollectorRead::new(read);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
-    let (in_tx, in_rx) = mpsc::channel(64);
-    let (obliged_tx, mut obliged_rx) = mpsc::unbounded_channel::<Frame<'static>>();
-    let reader = tokio::spawn(async move {
-        let mut never = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
-        let closed = loop {
-            let incoming = match read.read_frame(&mut never).await {
-                Ok(f) => match f.opcode {
-                    OpCode::Text => Incoming::Text(String::from_utf8_lossy(&f.payload).into_owned()),
-                    OpCode::Ping => {
-                        let _ = obliged_tx.send(Frame::pong(Payload::Owned(f.payload.to_vec())));
-                        Incoming::Alive
-                    }
-                    OpCode::Pong => Incoming::Alive,
-                    OpCode::Close => {
-                        let info = close_info(&f.payload);
-                        let (code, reason) = info.clone().unwrap_or((1000, String::new()));
-                        let _ = obliged_tx.send(Frame::close(code, reason.as_bytes()).into_static());
-                        break info.or(Some((1005, String::new())));
-                    }
-                    OpCode::Binary | OpCode::Continuation => continue,
-                },
-                Err(WebSocketError::FrameTooLarge) => {
-                    let _ = obliged_tx.send(Frame::close(1009, b"control message too large").into_static());
-                    break Some((1009, "control message too large".into()));
-                }
-                Err(_) => break None,
-            };
-            if in_tx.send(incoming).await.is_err() {
-                break None;
-            }
-        };
-        let _ = in_tx.send(Incoming::Closed(closed)).await;
-    });
-    tokio::spawn(async move {
-        loop {
-            let frame = tokio::select! {
-                out = out_rx.recv() => match out {
-                    Some(Outgoing::Text(t)) => Frame::text(Payload::Owned(t.into_bytes())),
-                    Some(Outgoing::Ping) => Frame::new(true, OpCode::Ping, None, Payload::Owned(Vec::new())),
-                    Some(Outgoing::Close(code, reason)) => {
-                        let _ = write.write_frame(Frame::close(code, reason.as_bytes())).await;
-                        break;
-                    }
-                    None => break,
-                },
-                obliged = obliged_rx.recv() => match obliged {
-                    Some(f) => {
-                        let close = f.opcode == OpCode::Close;
-                        if write.write_frame(f).await.is_err() || close {
-                            break;
-                        }
-                        continue;
-                    }
-                    None => break,
-                },
-            };
-            if write.write_frame(frame).await.is_err() {
-                break;
-            }
-        }
-        // The channel is done: stop the reader too, so both halves drop and the socket closes.
-        reader.abort();
-    });
-    Channel { tx: out_tx, rx: in_rx }
-}
-
-trait IntoStatic {
-    fn into_static(self) -> Frame<'static>;
-}
-
-impl IntoStatic for Frame<'_> {
-    fn into_static(self) -> Frame<'static> {
-        Frame::new(self.fin, self.opcode, None, Payload::Owned(self.payload.to_vec()))
-    }
 }
 
 /// Code and reason of a Close payload.

@@ -33,6 +33,10 @@ pub enum SessionEvent {
         service: String,
         device_online: bool,
         expires_at: u64,
+        /// How long the relay keeps the session after this connection drops: a client
+        /// re-attaches within it (absent from older relays).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_grace_secs: Option<u64>,
     },
     DeviceOffline,
     DeviceOnline,
@@ -96,6 +100,25 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// A peer-supplied string made safe for a log line or a close reason: control characters
+/// (newlines, escape sequences) are escaped and the result is cut to at most `max` characters,
+/// so a peer can neither forge log lines nor grow what the relay stores about it.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    let mut count = 0;
+    for c in s.chars() {
+        let escaped: String = if c.is_control() { c.escape_default().collect() } else { c.to_string() };
+        let n = escaped.chars().count();
+        if count + n > max {
+            out.push('…');
+            break;
+        }
+        count += n;
+        out.push_str(&escaped);
+    }
+    out
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -110,6 +133,13 @@ mod tests {
         let j = serde_json::to_string(&m).unwrap();
         assert_eq!(j, r#"{"type":"connect","session":"s","conn":7,"service":"ssh","token":"t"}"#);
         assert_eq!(serde_json::from_str::<ToAgent>(&j).unwrap(), m);
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_and_bounds_the_length() {
+        assert_eq!(printable("a\nb\x1b[31m", 100), "a\\nb\\u{1b}[31m");
+        assert_eq!(printable(&"x".repeat(500), 10), format!("{}…", "x".repeat(10)));
+        assert_eq!(printable("plain", 10), "plain");
     }
 
     #[test]

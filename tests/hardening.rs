@@ -139,8 +139,15 @@ fn connection_and_session_limits_answer_429() {
 
 #[test]
 fn handshakes_beyond_the_limit_are_turned_away_and_the_relay_recovers() {
-    let relay = Relay::start("uring", "[limits]\nmax_handshakes = 4\nhandshake_timeout_secs = 30\n");
-    let idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(relay.addr).unwrap()).collect();
+    let relay = Relay::start(
+        "uring",
+        "[limits]\nmax_handshakes = 4\nmax_handshakes_per_address = 2\nhandshake_timeout_secs = 30\n",
+    );
+    // Two idle connections from each of two other hosts fill the relay-wide limit.
+    let idle: Vec<TcpStream> = [[127, 0, 0, 2], [127, 0, 0, 3]]
+        .iter()
+        .flat_map(|ip| (0..2).map(|_| connect_from(std::net::IpAddr::from(*ip), relay.addr).unwrap()))
+        .collect();
     thread::sleep(Duration::from_millis(300));
     let mut extra = TcpStream::connect(relay.addr).unwrap();
     extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

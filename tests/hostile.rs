@@ -1,7 +1,8 @@
 //! The relay under attack while it carries real traffic: 20 well-behaved tunnels each move
-//! 64 MiB both ways with checksums while the same relay gets 500 handshakes that never finish,
-//! 10,000 random and mutated frame streams (seeded from the fuzz corpus), garbage on the agent
-//! endpoint and abrupt resets. Every good byte must arrive, the relay must keep serving, and its
+//! 64 MiB both ways with checksums while the same relay gets 500 handshakes that never finish
+//! (from another host), 10,000 random and mutated frame streams (seeded from the fuzz corpus),
+//! garbage on the agent endpoint, control messages that never end, ping floods from peers that
+//! never read, and abrupt resets. Every good byte must arrive, the relay must keep serving, and its
 //! descriptors and memory must come back afterwards.
 
 use std::io::{Read, Write};
@@ -113,7 +114,9 @@ fn good_tunnel(local: SocketAddr, seed: u64, len: u64) -> bool {
 
 #[test]
 fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
-    let mut relay = Relay::start("uring", "[limits]\nhandshake_timeout_secs = 2\n");
+    // 4,096 handshake slots: the 500 stalled ones stay under half, so the per-address share never
+    // engages here and every actor may share 127.0.0.1 (the share is tested in abuse.rs).
+    let mut relay = Relay::start("uring", "[limits]\nhandshake_timeout_secs = 2\nmax_handshakes = 4096\n");
     let echo = echo_server();
     let _agent = relay.agent(&[format!("echo={echo}")]);
     let (_connect, local) = relay.connect("echo", &[]);
@@ -143,12 +146,13 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
         .map(|i| thread::spawn(move || (0..8).all(|round| good_tunnel(local, 100 + i * 8 + round, 8 << 20))))
         .collect();
 
-    // 500 handshakes that never finish.
+    // 500 handshakes that never finish, from another host (127.0.0.2): nobody else is locked out.
     let addr = relay.addr;
     let stallers = thread::spawn(move || {
+        let other_host = std::net::IpAddr::from([127, 0, 0, 2]);
         let held: Vec<TcpStream> = (0..500)
             .filter_map(|_| {
-                let mut s = TcpStream::connect(addr).ok()?;
+                let mut s = connect_from(other_host, addr).ok()?;
                 let _ = s.write_all(b"GET /api/v1/sessions HTTP/1.1\r\nHost: x\r\n");
                 Some(s)
             })
@@ -211,6 +215,43 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
         tried
     });
 
+    // Control-channel floods: messages that never end (fragments past the limit) on the agent
+    // endpoint, and pings from peers that never read on session control connections.
+    let fragment_flood = thread::spawn(move || {
+        let mut closed_1009 = 0;
+        for _ in 0..20 {
+            let Ok(mut s) = raw_ws(addr, "/api/v1/agent?device=dev-2", "dev-2-secret-key") else { continue };
+            let _ = s.write_all(&masked(false, 0x1, b"{"));
+            let fragment = masked(false, 0x0, &[b' '; 16 << 10]);
+            for _ in 0..256 {
+                if s.write_all(&fragment).is_err() {
+                    break;
+                }
+            }
+            if read_raw_close(&mut s).is_ok_and(|c| c.0 == 1009) {
+                closed_1009 += 1;
+            }
+        }
+        closed_1009
+    });
+    let ping_sessions: Vec<_> = (0..5).map(|_| relay.start_session("echo", None)).collect();
+    let ping_flood = thread::spawn(move || {
+        let ping = masked(true, 0x9, &[b'p'; 125]);
+        let batch: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 512).collect();
+        let mut held = Vec::new();
+        for (id, _, token) in &ping_sessions {
+            let Ok(mut s) = raw_ws(addr, &format!("/api/v1/sessions/{id}/control"), token) else { continue };
+            // Bounded: should the relay stop reading, this flood ends instead of the test hanging.
+            let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+            let mut sent = 0;
+            while sent < 8 << 20 && s.write_all(&batch).is_ok() {
+                sent += batch.len();
+            }
+            held.push(s);
+        }
+        held
+    });
+
     // Abrupt resets: a handshake, half a frame, then RST. Reset connections wait unread until
     // their device side pairs, so they are spread over sessions to stay under the per-session
     // connection limit; a refusal (429) would be the limit working, and is counted apart.
@@ -236,6 +277,8 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
     let streams: u64 = frame_attackers.into_iter().map(|a| a.join().unwrap()).sum();
     let garbage = agent_garbage.join().unwrap();
     let (resets, resets_refused) = resetters.join().unwrap();
+    let closed_1009 = fragment_flood.join().unwrap();
+    let ping_floods = ping_flood.join().unwrap();
     let intact = good.into_iter().map(|g| g.join().unwrap()).filter(|ok| *ok).count();
     done.store(true, Relaxed);
     monitor.join().unwrap();
@@ -256,16 +299,23 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
     let peak = peak_rss.load(Relaxed);
     eprintln!(
         "hostile input: {stalled} stalled handshakes, {streams} frame streams, {garbage} agent-endpoint garbage \
-         inputs, {resets} resets (+{resets_refused} refused at the limit); good tunnels intact {intact}/20 (64 MiB each way each); relay fds {fds_before} -> {}, \
+         inputs, {resets} resets (+{resets_refused} refused at the limit), 20 unfinished control messages of 4 MiB, \
+         5 ping floods of 8 MiB from peers that never read; good tunnels intact {intact}/20 (64 MiB each way each); relay fds {fds_before} -> {}, \
          RSS {rss_before} KiB -> peak {peak} KiB -> {rss_after} KiB; frame errors {}",
         relay.open_fds(),
         relay.metric("ringway_frame_errors_total"),
     );
+    drop(ping_floods);
     assert_eq!(intact, 20, "every good tunnel's bytes arrive intact");
+    assert_eq!(closed_1009, 20, "every unfinished control message was closed with 1009");
     assert_eq!(stalled, 500);
     assert_eq!(streams, 10_000);
     assert_eq!(relay.metric("ringway_buffers_in_use"), 0);
     // The buffer pool may be touched lazily (first use), so it is allowed on top of the baseline.
     let pool_kib = relay.metric("ringway_buffers_total") * 64;
     assert!(rss_after < rss_before + pool_kib + 32 * 1024, "RSS {rss_before} -> {rss_after} KiB (pool {pool_kib} KiB)");
+    assert!(
+        peak < rss_before + pool_kib + 64 * 1024,
+        "peak RSS {peak} KiB from {rss_before} KiB (pool {pool_kib} KiB)"
+    );
 }

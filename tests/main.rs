@@ -2,7 +2,9 @@
 
 mod util;
 
+mod abuse;
 mod codec_differential;
+mod control_channels;
 mod e2e;
 mod hardening;
 mod hostile;

@@ -89,7 +89,9 @@ fn closing_the_session_through_the_api_while_data_flows_closes_with_4003() {
 
 #[test]
 fn killing_the_agent_closes_connections_with_4004() {
-    let relay = Relay::start("epoll", "");
+    // A dead agent's tunnels end at once (their device sides drop); the device is declared lost,
+    // and new connections are refused, after the agent's grace period.
+    let relay = Relay::start("epoll", "[limits]\nagent_grace_secs = 1\n");
     let echo = echo_server();
     let mut agent = relay.agent(&[format!("echo={echo}")]);
     let (_, mut ws) = raw_client(&relay, "echo", None);

@@ -2,30 +2,10 @@
 //! verifying it against the CA given with --ca, and a wrong certificate refused clearly.
 
 use std::net::{Shutdown, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 
 use crate::util::*;
-
-/// Writes a CA and a relay certificate for 127.0.0.1/localhost signed by it; returns
-/// (ca.pem, cert.pem, key.pem).
-fn make_pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} test CA"));
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    let paths =
-        (dir.join(format!("{name}-ca.pem")), dir.join(format!("{name}-cert.pem")), dir.join(format!("{name}-key.pem")));
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
 
 #[test]
 fn tunnels_work_over_tls_and_a_wrong_certificate_is_refused_clearly() {

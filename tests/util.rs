@@ -30,7 +30,7 @@ impl Proc {
     pub fn spawn(name: &'static str, args: &[&str], wait_listen: bool) -> (Proc, Option<SocketAddr>) {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("RINGWAY_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -389,4 +389,215 @@ pub fn echo_server() -> SocketAddr {
 
 pub fn temp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
+}
+
+/// Writes a CA and a relay certificate for 127.0.0.1/localhost signed by it; returns
+/// (ca.pem, cert.pem, key.pem).
+pub fn make_pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let paths =
+        (dir.join(format!("{name}-ca.pem")), dir.join(format!("{name}-cert.pem")), dir.join(format!("{name}-key.pem")));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A TCP connection to `addr` from the source address `from` (127.0.0.x stands for another host).
+pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(from, 0).into())?;
+    sock.connect(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// [`http`] from the source address `from`.
+pub fn http_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut s = connect_from(from, addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap_or_else(|e| panic!("{method} {path}: no answer: {e}"));
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// A WebSocket handshake done by hand, reading nothing past the response head, so the test can
+/// write raw frames and read the relay's raw bytes. Returns the socket, or the refusal status.
+pub fn raw_ws(addr: SocketAddr, path: &str, token: &str) -> Result<TcpStream, u16> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("the relay answers the handshake");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    if status == 101 {
+        Ok(s)
+    } else {
+        Err(status)
+    }
+}
+
+/// A masked frame, as a WebSocket client sends it.
+pub fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let op = ringway::ws::OpCode::from_u8(opcode).expect("a known opcode");
+    let mut out = Vec::new();
+    ringway::ws::encode::frame(&mut out, fin, op, payload, Some([0x12, 0x34, 0x56, 0x78]));
+    out
+}
+
+/// Reads one unmasked frame (as the relay sends): (first byte, payload). An error is returned,
+/// not a panic: a reset or EOF instead of a frame is what some tests look for.
+pub fn read_raw_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l)?;
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l)?;
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload)?;
+    Ok((h[0], payload))
+}
+
+/// Reads raw frames until the relay's Close: its code and reason. Anything else (EOF, a reset,
+/// a read timeout) is an error saying what came instead.
+pub fn read_raw_close(s: &mut TcpStream) -> Result<(u16, String), String> {
+    loop {
+        match read_raw_frame(s) {
+            Ok((b0, p)) if b0 & 0x0f == 0x8 => {
+                let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 };
+                return Ok((code, String::from_utf8_lossy(p.get(2..).unwrap_or(&[])).into_owned()));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("no close frame: {e}")),
+        }
+    }
+}
+
+/// A TCP proxy in front of the relay that can reset chosen connections (both halves, RST), as a
+/// network blip would. Each connection is known by its first request line.
+pub struct BlipProxy {
+    pub addr: SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<ProxyConn>>>,
+}
+
+struct ProxyConn {
+    first_line: String,
+    down: TcpStream,
+    up: TcpStream,
+    resetting: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlipProxy {
+    pub fn start(upstream: SocketAddr) -> BlipProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<ProxyConn>>> = Arc::default();
+        let list = conns.clone();
+        thread::spawn(move || {
+            for down in l.incoming() {
+                let Ok(mut down) = down else { continue };
+                let Ok(mut up) = TcpStream::connect(upstream) else { continue };
+                // The first line names the connection: read it byte by byte and pass it on.
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while !line.ends_with(b"\r\n") && down.read_exact(&mut byte).is_ok() {
+                    line.push(byte[0]);
+                }
+                if up.write_all(&line).is_err() {
+                    continue;
+                }
+                let resetting = Arc::new(AtomicBool::new(false));
+                for (mut from, mut to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up.try_clone().unwrap(), down.try_clone().unwrap()),
+                ] {
+                    let resetting = resetting.clone();
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 16 << 10];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        if !resetting.load(Ordering::SeqCst) {
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                        }
+                    });
+                }
+                let first_line = String::from_utf8_lossy(&line).trim().to_string();
+                list.lock().unwrap().push(ProxyConn { first_line, down, up, resetting });
+            }
+        });
+        BlipProxy { addr, conns }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Resets (RST, both ways) every connection whose first line contains `pattern`; returns how
+    /// many.
+    pub fn reset(&self, pattern: &str) -> usize {
+        let mut conns = self.conns.lock().unwrap();
+        let (hit, keep): (Vec<ProxyConn>, Vec<ProxyConn>) =
+            std::mem::take(&mut *conns).into_iter().partition(|c| c.first_line.contains(pattern));
+        *conns = keep;
+        let n = hit.len();
+        for c in hit {
+            c.resetting.store(true, std::sync::atomic::Ordering::SeqCst);
+            for s in [&c.down, &c.up] {
+                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+                // Wakes the copy threads (their reads end) without sending anything.
+                let _ = s.shutdown(std::net::Shutdown::Read);
+            }
+            // Let the copy threads drop their handles; the last close then sends the RST.
+            thread::sleep(Duration::from_millis(50));
+        }
+        n
+    }
 }

@@ -20,14 +20,18 @@ use tokio_rustls::server::TlsStream as RustlsStream;
 type TlsStream = RustlsStream<tokio::net::TcpStream>;
 use serde::Serialize;
 
+use super::admission::Turn;
+use super::audit::Record;
 use super::dataplane::{Cmd, DataSocket};
 use super::metrics::HandshakeFailure;
-use super::state::{ClientConn, Refusal};
+use super::state::{Caller, ClientConn, Refusal};
 use super::{channels, Relay};
 use crate::proto::{ApiError, StartSession};
-use crate::ws::CloseCode;
 
 type Resp = Response<Full<Bytes>>;
+
+/// Session events queued toward a client's control connection (a few per session lifetime).
+const SESSION_EVENTS: usize = 16;
 
 /// Accepts connections on this worker's copy of the listener and serves each with hyper, until
 /// the relay starts shutting down.
@@ -46,15 +50,22 @@ pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, w
             },
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         };
-        // Bound the connections still in their HTTP phase; beyond that, close at once.
+        // Bound the connections still in their HTTP phase, relay-wide and, once half the
+        // slots are taken, per source address; beyond that, close at once. One address cannot
+        // take every slot.
         let Ok(permit) = relay.handshakes.clone().try_acquire_owned() else {
             relay.metrics.handshake_failed(HandshakeFailure::Limit);
+            continue;
+        };
+        let crowded = relay.handshakes.available_permits() < relay.config.limits.max_handshakes / 2;
+        let Some(share) = relay.admission.handshake(peer.ip(), crowded) else {
+            relay.metrics.handshake_failed(HandshakeFailure::AddressLimit);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let relay = relay.clone();
         tokio::task::spawn_local(async move {
-            let _permit = permit;
+            let _permit = (permit, share);
             match relay.tls.clone() {
                 None => serve_connection(stream, relay, peer).await,
                 Some(acceptor) => {
@@ -84,16 +95,7 @@ where
     let (handshake_timeout, max_header) = (Duration::from_secs(limits.handshake_timeout_secs), limits.max_header_bytes);
     let svc = service_fn(|req| {
         let relay = relay.clone();
-        async move {
-            let resp = route(req, relay.clone(), peer).await;
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                // Repeated failures from one address are slowed down.
-                if let Some(delay) = relay.auth_failed(peer.ip()) {
-                    tokio::time::sleep(delay).await;
-                }
-            }
-            Ok::<_, std::convert::Infallible>(resp)
-        }
+        async move { Ok::<_, std::convert::Infallible>(gated(req, relay, peer).await) }
     });
     let _ = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -102,6 +104,45 @@ where
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades()
         .await;
+}
+
+/// Routes a request through the failed-login gate: an address that keeps presenting wrong
+/// credentials has its checks spaced out (see [`super::admission`]), and every refused
+/// credential is logged and audited with the address and the kind of credential, never its value.
+async fn gated(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
+    let path = req.uri().path().to_string();
+    let Some(credential) = credential_kind(&path) else {
+        return route(req, relay, peer).await;
+    };
+    match relay.admission.login_turn(peer.ip(), std::time::Instant::now()) {
+        Turn::Now => {}
+        Turn::After(wait) => tokio::time::sleep(wait).await,
+        Turn::Refused => {
+            relay.metrics.handshake_failed(HandshakeFailure::Throttled);
+            return error(StatusCode::TOO_MANY_REQUESTS, "too many failed logins from this address: try again later");
+        }
+    }
+    let resp = route(req, relay.clone(), peer).await;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        relay.admission.login_failed(peer.ip(), std::time::Instant::now());
+        let path = crate::proto::printable(&path, 120);
+        tracing::warn!(addr = %peer, credential, path, "login failed");
+        relay.audit.write(Record::AuthFailed { addr: &peer.to_string(), credential, path: &path });
+    }
+    resp
+}
+
+/// Which credential a path takes, or `None` for the open endpoints (health, metrics).
+fn credential_kind(path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    Some(match segments.as_slice() {
+        ["healthz"] | ["metrics"] | ["api", "v1", "healthz"] | ["api", "v1", "metrics"] => return None,
+        ["api", "v1", "agent"] => "device_key",
+        ["api", "v1", "sessions", _, "control" | "client"] => "client_token",
+        ["api", "v1", "sessions", _, "device"] => "device_token",
+        ["api", "v1", ..] => "operator_token",
+        _ => return None,
+    })
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Resp {
@@ -144,7 +185,7 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
                 .body(Full::new(Bytes::from(relay.metrics.render(sessions, agents))))
                 .expect("static response parts")
         }
-        (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay).await,
+        (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay, peer).await,
         (_, ["api", "v1", "sessions", id, "control"]) => {
             let id = id.to_string();
             control_upgrade(req, relay, id).await
@@ -163,16 +204,22 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
 }
 
 async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr, segs: &[&str]) -> Resp {
-    let Some(operator) = bearer(&req).and_then(|t| relay.config.operator(t)).map(|o| o.name.clone()) else {
+    let Some((operator, role)) = bearer(&req).and_then(|t| relay.config.operator(t)).map(|o| (o.name.clone(), o.role))
+    else {
         relay.metrics.handshake_failed(HandshakeFailure::BadToken);
         return error(StatusCode::UNAUTHORIZED, "invalid credentials");
     };
+    let caller = Caller { name: &operator, role };
     match (req.method().clone(), &segs[2..]) {
         (Method::POST, ["sessions"]) => {
             let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
-            let body = match Limited::new(req.into_body(), 64 << 10).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB"),
+            // The body has the same deadline as the headers: a request that trickles in does
+            // not hold its handshake slot for longer.
+            let deadline = Duration::from_secs(relay.config.limits.handshake_timeout_secs);
+            let body = match tokio::time::timeout(deadline, Limited::new(req.into_body(), 64 << 10).collect()).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB"),
+                Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
             };
             let start: StartSession = match serde_json::from_slice(&body) {
                 Ok(s) => s,
@@ -186,13 +233,13 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAdd
                 Err(r) => refused(&relay, r),
             }
         }
-        (Method::GET, ["sessions"]) => json(StatusCode::OK, &relay.sessions()),
-        (Method::GET, ["sessions", id]) => match relay.session(id) {
+        (Method::GET, ["sessions"]) => json(StatusCode::OK, &relay.sessions(caller)),
+        (Method::GET, ["sessions", id]) => match relay.session(caller, id) {
             Some(info) => json(StatusCode::OK, &info),
             None => error(StatusCode::NOT_FOUND, "no such session"),
         },
         (Method::DELETE, ["sessions", id]) => {
-            if relay.close_session(id, CloseCode::SESSION_CLOSED, &format!("session closed by operator {operator}")) {
+            if relay.close_session_as(caller, id) {
                 Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).expect("static response parts")
             } else {
                 error(StatusCode::NOT_FOUND, "no such session")
@@ -224,7 +271,7 @@ fn upgrade(
     }
 }
 
-async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>) -> Resp {
+async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
     let Some(device) = query(&req, "device").map(str::to_string) else {
         relay.metrics.handshake_failed(HandshakeFailure::Malformed);
         return error(StatusCode::BAD_REQUEST, "missing ?device=ID");
@@ -238,7 +285,7 @@ async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>) -> Resp {
     };
     tokio::task::spawn_local(async move {
         if let Ok(ws) = fut.await {
-            channels::agent(ws, device, relay).await;
+            channels::agent(ws, device, peer, relay).await;
         }
     });
     resp
@@ -246,7 +293,7 @@ async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>) -> Resp {
 
 async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Resp {
     let token = bearer(&req).unwrap_or("").to_string();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::channel(SESSION_EVENTS);
     let (attachment, ready) = match relay.attach_control(&session, &token, tx) {
         Ok(x) => x,
         Err(r) => return refused(&relay, r),
@@ -260,7 +307,7 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
     };
     tokio::task::spawn_local(async move {
         if let Ok(ws) = fut.await {
-            channels::session_control(ws, relay.config.limits.max_control_message_bytes, ready, rx).await;
+            channels::session_control(ws, relay.clone(), ready, rx).await;
         }
         relay.detach_control(&session, attachment);
     });

@@ -1,6 +1,6 @@
 //! The audit log: one JSON line per session start, session end and connection end — who,
-//! which device and service, from where, bytes each way, how long, and why it ended. Secrets
-//! never go in: tokens are not part of any record.
+//! which device and service, from where, bytes each way, how long, and why it ended — and per
+//! refused credential and agent conflict. Secrets never go in: tokens are not part of any record.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -33,6 +33,12 @@ pub enum Record<'a> {
         bytes_to_device: u64,
         bytes_to_client: u64,
     },
+    /// A credential was refused. Which kind it was, never its value.
+    AuthFailed { addr: &'a str, credential: &'a str, path: &'a str },
+    /// A second agent for a device whose agent is connected and alive was refused.
+    AgentRefused { device: &'a str, addr: &'a str, holder: &'a str },
+    /// A new agent replaced a connection that did not answer a probe.
+    AgentTakeover { device: &'a str, addr: &'a str, replaced: &'a str },
     ConnectionEnd {
         session: &'a str,
         conn: u64,

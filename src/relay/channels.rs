@@ -1,75 +1,210 @@
 //! The relay's two JSON control channels: the agent's (one per device) and the session's (one
-//! per client). Plain tokio + fastwebsockets; nothing here is on the data path.
+//! per client). Plain tokio + fastwebsockets over [`crate::channel`], which bounds what a peer
+//! can make the relay hold; nothing here is on the data path.
+//!
+//! A peer counts as alive while it answers the relay's pings (a peer that only sends is not
+//! reading). One agent holds a device at a time: a second one is refused while the first
+//! answers a probe, and takes over when it does not.
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
+use super::state::{AgentLink, Claim};
 use super::Relay;
-use crate::peer::{self, Incoming, Outgoing, Ws};
-use crate::proto::{FromAgent, SessionEvent, ToAgent};
+use crate::channel::{self, Channel, Incoming, Outgoing};
+use crate::peer::Ws;
+use crate::proto::{printable, FromAgent, SessionEvent, ToAgent};
 use crate::ws::CloseCode;
 
-/// Keepalive: a ping this often; a channel silent for three periods is dead.
-const PING_EVERY: Duration = Duration::from_secs(10);
+/// Connection requests waiting for an agent's control connection; past this the agent is
+/// not keeping up, and new connections to its device fail at once (4001).
+const AGENT_QUEUE: usize = 1024;
+/// A connection that misses this many pings in a row is dead.
+const MISSED_PINGS: u32 = 3;
+/// How long an agent gets to send its hello.
+const HELLO_WITHIN: Duration = Duration::from_secs(10);
+/// Services an agent may name, and how long a name may be.
+const MAX_SERVICES: usize = 64;
+const MAX_SERVICE_NAME: usize = 64;
 
-/// Serves one agent's control connection until it closes or breaks.
-pub async fn agent(ws: Ws, device: String, relay: Arc<Relay>) {
-    let mut ch = peer::channel(ws, relay.config.limits.max_control_message_bytes);
-    // The first message must be the agent's hello, naming its services.
-    let services = match tokio::time::timeout(Duration::from_secs(10), ch.rx.recv()).await {
-        Ok(Some(Incoming::Text(t))) => match serde_json::from_str::<FromAgent>(&t) {
-            Ok(FromAgent::Hello { services, .. }) => services,
-            _ => {
-                let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, "expected a hello message".into()));
-                return;
-            }
+fn open(ws: Ws, relay: &Relay) -> Channel {
+    let limits = &relay.config.limits;
+    channel::channel(
+        ws,
+        channel::Limits {
+            max_message: limits.max_control_message_bytes,
+            peer_masks: true,
+            stall: keepalive(relay) * MISSED_PINGS,
         },
-        _ => {
-            let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, "expected a hello message".into()));
-            return;
+    )
+}
+
+fn keepalive(relay: &Relay) -> Duration {
+    Duration::from_secs(relay.config.limits.keepalive_secs)
+}
+
+/// Counts and logs a peer the channel dropped (a violation, or not reading); an ordinary end is
+/// neither.
+fn dropped(relay: &Relay, what: &str, incoming: &Incoming) {
+    let why = match incoming {
+        Incoming::Violation(code, reason) => format!("closed it with {code}: {reason}"),
+        Incoming::Stalled => "it stopped reading; dropped".to_string(),
+        _ => return,
+    };
+    relay.metrics.control_dropped.fetch_add(1, Relaxed);
+    tracing::warn!("{what}: {why}");
+}
+
+/// Serves one agent's control connection until it closes, breaks, or is replaced.
+pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) {
+    let mut ch = open(ws, &relay);
+    let who = format!("agent of device {device} at {addr}");
+    let Some(services) = hello(&mut ch, &relay, &who).await else { return };
+
+    let (to_agent, mut from_relay) = mpsc::channel::<ToAgent>(AGENT_QUEUE);
+    let (probe_tx, mut probes) = mpsc::channel::<oneshot::Sender<()>>(8);
+    let link = AgentLink { tx: to_agent, probe: probe_tx, addr };
+    let generation = loop {
+        match relay.agent_claim(&device, &services, &link) {
+            Claim::Granted(g) => break g,
+            Claim::Held { generation, addr: holder, probe } => {
+                if alive(&probe, keepalive(&relay).min(Duration::from_secs(5))).await {
+                    relay.agent_refused(&device, addr, holder);
+                    let reason = format!("device {device} is connected through another agent (at {holder})");
+                    let _ = ch.send(Outgoing::Close(CloseCode::DEVICE_CONFLICT.0, reason));
+                    return;
+                }
+                if let Some(g) = relay.agent_take_over(&device, generation, &services, &link) {
+                    break g;
+                }
+            }
         }
     };
-    let (to_agent, mut from_relay) = mpsc::unbounded_channel::<ToAgent>();
-    let generation = relay.agent_up(&device, services, to_agent);
-    let mut ping = tokio::time::interval(PING_EVERY);
-    let mut silent = 0;
+    // Only the relay's tables hold the link now: when a newer agent takes over, they drop it
+    // and `from_relay` ends.
+    drop(link);
+
+    let mut ping = tokio::time::interval(keepalive(&relay));
+    let mut unanswered = 0;
+    let mut probing: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         tokio::select! {
             msg = from_relay.recv() => match msg {
                 Some(m) => {
-                    let _ = ch.tx.send(Outgoing::Text(serde_json::to_string(&m).expect("ToAgent serializes")));
-                }
-                None => break,
-            },
-            incoming = ch.rx.recv() => match incoming {
-                Some(Incoming::Text(t)) => {
-                    silent = 0;
-                    if let Err(reason) = agent_message(&relay, &device, &t) {
-                        tracing::warn!(device, "agent sent an {reason}");
-                        let _ = ch.tx.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, reason));
+                    // A burst of connections waits here for the writer rather than failing.
+                    let text = serde_json::to_string(&m).expect("ToAgent serializes");
+                    if ch.send_wait(Outgoing::Text(text)).await.is_err() {
+                        dropped(&relay, &who, &Incoming::Stalled);
                         break;
                     }
                 }
-                Some(Incoming::Alive) => silent = 0,
-                Some(Incoming::Closed(_)) | None => break,
-            },
-            _ = ping.tick() => {
-                silent += 1;
-                if silent > 3 {
-                    tracing::warn!(device, "agent stopped answering pings");
+                None => {
+                    let reason = "replaced by a newer agent connection for this device".to_string();
+                    let _ = ch.send(Outgoing::Close(CloseCode::DEVICE_CONFLICT.0, reason));
                     break;
                 }
-                let _ = ch.tx.send(Outgoing::Ping);
+            },
+            Some(waiter) = probes.recv() => {
+                probing.push(waiter);
+                let _ = ch.send(Outgoing::Ping);
+            }
+            incoming = ch.rx.recv() => match incoming {
+                Some(Incoming::Pong) => {
+                    unanswered = 0;
+                    for waiter in probing.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                }
+                Some(Incoming::Ping) => {}
+                Some(Incoming::Text(t)) => {
+                    if let Err(reason) = agent_message(&relay, &device, &t) {
+                        tracing::warn!("{who} sent an {reason}");
+                        let _ = ch.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, reason));
+                        break;
+                    }
+                }
+                Some(end) => {
+                    dropped(&relay, &who, &end);
+                    break;
+                }
+                None => break,
+            },
+            _ = ping.tick() => {
+                unanswered += 1;
+                if unanswered > MISSED_PINGS {
+                    relay.metrics.control_dropped.fetch_add(1, Relaxed);
+                    tracing::warn!("{who} stopped answering pings");
+                    break;
+                }
+                if ch.send(Outgoing::Ping).is_err() {
+                    dropped(&relay, &who, &Incoming::Stalled);
+                    break;
+                }
             }
         }
     }
     relay.agent_down(&device, generation);
 }
 
+/// Waits for the agent's hello; closes the channel with 1002 and returns `None` on anything else.
+async fn hello(ch: &mut Channel, relay: &Relay, who: &str) -> Option<Vec<String>> {
+    let first = tokio::time::timeout(HELLO_WITHIN, async {
+        loop {
+            match ch.rx.recv().await {
+                Some(Incoming::Ping | Incoming::Pong) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    let refuse = |ch: &Channel, reason: &str| {
+        let _ = ch.send(Outgoing::Close(CloseCode::PROTOCOL_ERROR.0, reason.to_string()));
+    };
+    match first {
+        Ok(Some(Incoming::Text(t))) => match serde_json::from_str::<FromAgent>(&t) {
+            Ok(FromAgent::Hello { services, .. }) => {
+                if services.len() > MAX_SERVICES || !services.iter().all(|s| valid_service_name(s)) {
+                    refuse(ch, "invalid service names (use up to 64 of letters, digits, '-', '_', '.')");
+                    return None;
+                }
+                Some(services)
+            }
+            _ => {
+                refuse(ch, "expected a hello message");
+                None
+            }
+        },
+        Ok(Some(end @ (Incoming::Violation(..) | Incoming::Stalled))) => {
+            dropped(relay, who, &end);
+            None
+        }
+        _ => {
+            refuse(ch, "expected a hello message");
+            None
+        }
+    }
+}
+
+fn valid_service_name(s: &str) -> bool {
+    (1..=MAX_SERVICE_NAME).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Whether the connection behind `probe` answers a ping within `within`.
+async fn alive(probe: &mpsc::Sender<oneshot::Sender<()>>, within: Duration) -> bool {
+    let (tx, rx) = oneshot::channel();
+    if probe.send(tx).await.is_err() {
+        return false;
+    }
+    matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
+}
+
 /// Acts on one message from `device`'s agent after its hello. `Err` says why the message is
-/// unacceptable (the channel then closes with 1002). Public for the agent-message fuzz target.
+/// unacceptable (the channel then closes with 1002); it quotes the agent only escaped and
+/// bounded. Public for the agent-message fuzz target.
 pub fn agent_message(relay: &Relay, device: &str, text: &str) -> Result<(), String> {
     match serde_json::from_str::<FromAgent>(text) {
         Ok(FromAgent::ConnectFailed { session, conn, reason }) => {
@@ -77,48 +212,53 @@ pub fn agent_message(relay: &Relay, device: &str, text: &str) -> Result<(), Stri
             Ok(())
         }
         Ok(FromAgent::Hello { .. }) => Ok(()),
-        Err(e) => Err(format!("invalid message: {e}")),
+        Err(e) => Err(format!("invalid message: {}", printable(&e.to_string(), 100))),
     }
 }
 
 /// Serves a client's session control connection: pushes session events until it ends.
-pub async fn session_control(
-    ws: Ws,
-    max_message: usize,
-    ready: SessionEvent,
-    mut events: mpsc::UnboundedReceiver<SessionEvent>,
-) {
-    let mut ch = peer::channel(ws, max_message);
-    let send = |ch: &peer::Channel, e: &SessionEvent| {
-        let _ = ch.tx.send(Outgoing::Text(serde_json::to_string(e).expect("events serialize")));
-    };
-    send(&ch, &ready);
-    let mut ping = tokio::time::interval(PING_EVERY);
-    let mut silent = 0;
+pub async fn session_control(ws: Ws, relay: Arc<Relay>, ready: SessionEvent, mut events: mpsc::Receiver<SessionEvent>) {
+    let mut ch = open(ws, &relay);
+    let send =
+        |ch: &Channel, e: &SessionEvent| ch.send(Outgoing::Text(serde_json::to_string(e).expect("events serialize")));
+    if send(&ch, &ready).is_err() {
+        return;
+    }
+    let mut ping = tokio::time::interval(keepalive(&relay));
+    let mut unanswered = 0;
     loop {
         tokio::select! {
             _ = ping.tick() => {
-                silent += 1;
-                if silent > 3 {
-                    // A client that vanished without a FIN: the session's grace period starts.
+                unanswered += 1;
+                // A client that vanished without a FIN, or stopped reading: the session's
+                // grace period starts.
+                if unanswered > MISSED_PINGS || ch.send(Outgoing::Ping).is_err() {
+                    dropped(&relay, "session control", &Incoming::Stalled);
                     return;
                 }
-                let _ = ch.tx.send(Outgoing::Ping);
             }
             event = events.recv() => match event {
                 Some(SessionEvent::Closing { code, reason }) => {
-                    send(&ch, &SessionEvent::Closing { code, reason: reason.clone() });
-                    let _ = ch.tx.send(Outgoing::Close(code, reason));
-                    // Give the writer a moment to flush the close before the task ends.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), ch.rx.recv()).await;
+                    let _ = send(&ch, &SessionEvent::Closing { code, reason: reason.clone() });
+                    let _ = ch.send(Outgoing::Close(code, reason));
                     return;
                 }
-                Some(e) => send(&ch, &e),
+                Some(e) => {
+                    if send(&ch, &e).is_err() {
+                        dropped(&relay, "session control", &Incoming::Stalled);
+                        return;
+                    }
+                }
                 None => return,
             },
             incoming = ch.rx.recv() => match incoming {
-                Some(Incoming::Text(_) | Incoming::Alive) => silent = 0,
-                Some(Incoming::Closed(_)) | None => return,
+                Some(Incoming::Pong) => unanswered = 0,
+                Some(Incoming::Text(_) | Incoming::Ping) => {}
+                Some(end) => {
+                    dropped(&relay, "session control", &end);
+                    return;
+                }
+                None => return,
             },
         }
     }

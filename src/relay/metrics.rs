@@ -11,16 +11,22 @@ pub enum HandshakeFailure {
     UnknownDevice,
     NotWebSocket,
     Limit,
+    /// One source address held its share of the handshake slots.
+    AddressLimit,
+    /// A credential check refused at once: the address has too many failed ones queued.
+    Throttled,
     Malformed,
 }
 
 impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 6] = [
+    const ALL: [HandshakeFailure; 8] = [
         HandshakeFailure::BadToken,
         HandshakeFailure::UnknownSession,
         HandshakeFailure::UnknownDevice,
         HandshakeFailure::NotWebSocket,
         HandshakeFailure::Limit,
+        HandshakeFailure::AddressLimit,
+        HandshakeFailure::Throttled,
         HandshakeFailure::Malformed,
     ];
 
@@ -31,6 +37,8 @@ impl HandshakeFailure {
             HandshakeFailure::UnknownDevice => "unknown_device",
             HandshakeFailure::NotWebSocket => "not_websocket",
             HandshakeFailure::Limit => "limit",
+            HandshakeFailure::AddressLimit => "address_limit",
+            HandshakeFailure::Throttled => "throttled",
             HandshakeFailure::Malformed => "malformed",
         }
     }
@@ -48,7 +56,10 @@ pub struct Metrics {
     pub frame_errors: AtomicU64,
     pub buffers_in_use: AtomicU64,
     pub buffers_total: AtomicU64,
-    handshake_failures: [AtomicU64; 6],
+    pub agent_takeovers: AtomicU64,
+    pub agent_refusals: AtomicU64,
+    pub control_dropped: AtomicU64,
+    handshake_failures: [AtomicU64; 8],
 }
 
 impl Metrics {
@@ -104,6 +115,24 @@ impl Metrics {
             self.buffers_in_use.load(Relaxed),
         );
         metric("buffers_total", "gauge", "Data-plane buffers in all workers' pools.", self.buffers_total.load(Relaxed));
+        metric(
+            "agent_takeovers_total",
+            "counter",
+            "Agent connections replaced by a new agent for the same device after failing a liveness probe.",
+            self.agent_takeovers.load(Relaxed),
+        );
+        metric(
+            "agent_refusals_total",
+            "counter",
+            "Agents refused because their device's agent is connected and alive.",
+            self.agent_refusals.load(Relaxed),
+        );
+        metric(
+            "control_dropped_total",
+            "counter",
+            "Control connections dropped for breaking the protocol, not reading, or not answering pings.",
+            self.control_dropped.load(Relaxed),
+        );
         let _ = writeln!(out, "# HELP ringway_handshake_failures_total Refused handshakes by reason.");
         let _ = writeln!(out, "# TYPE ringway_handshake_failures_total counter");
         for why in HandshakeFailure::ALL {

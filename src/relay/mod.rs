@@ -1,6 +1,7 @@
 //! The relay role: configuration in, a listening socket, worker threads each running the
 //! control plane (hyper) and the data plane (tunnels) for the connections it owns.
 //!
+//! - `admission`: per-address handshake shares and the failed-login gate.
 //! - `api`: hyper routes — control API, health, metrics, WebSocket upgrades and the hand-off of
 //!   data sockets to the data plane.
 //! - `channels`: the agent and session JSON control channels.
@@ -9,6 +10,7 @@
 //! - `audit`: the JSON-lines audit log.
 //! - `dataplane`: workers, tunnel tables, buffer pools, forwarding (io_uring or epoll).
 
+mod admission;
 pub mod api;
 mod audit;
 pub mod channels;
@@ -65,12 +67,26 @@ pub fn choose_backend(forced: Option<BackendKind>) -> anyhow::Result<BackendKind
     Ok(kind)
 }
 
+/// A non-blocking listener whose accept queue holds `backlog` connections (the kernel caps it at
+/// `net.core.somaxconn`). std's 128 overflows under a burst of connects — 500 at once from one
+/// host in the hostile-input test — and an overflowing queue drops or resets connections from
+/// everyone, before the relay can apply its per-address share.
+fn listen_on(addr: SocketAddr, backlog: usize) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    // Rebinding a port whose old connections linger in TIME_WAIT (a restart); still no
+    // SO_REUSEPORT, so a second live relay cannot take the address.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.clamp(128, 65_535) as i32)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// Binds `listen` and starts the workers. Refuses an address another process already serves
 /// (no `SO_REUSEPORT`: a second relay must not silently take half the connections).
 pub fn start(config: Config, listen: SocketAddr, backend: Option<BackendKind>) -> anyhow::Result<Running> {
     let backend = choose_backend(backend)?;
-    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-    listener.set_nonblocking(true)?;
+    let listener = listen_on(listen, config.limits.max_handshakes).with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     let workers = match config.dataplane.workers {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

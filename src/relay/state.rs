@@ -2,18 +2,19 @@
 //! at session start/stop, handshakes and connection ends — never per frame.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
+use super::admission::Admission;
 use super::audit::{Audit, Record};
 use super::dataplane::Cmd;
 use super::metrics::{HandshakeFailure, Metrics};
-use crate::config::{Config, Secret};
+use crate::config::{Config, Role, Secret};
 use crate::proto::{unix_now, DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession, ToAgent};
 use crate::ws::CloseCode;
 
@@ -67,8 +68,11 @@ struct Session {
     started: Instant,
     /// Live data connections.
     conns: HashMap<u64, ConnMeta>,
+    /// A client has attached (control or data connection) at least once; until then the session
+    /// is reaped after `limits.attach_timeout_secs`.
+    attached: bool,
     /// The client's session control connection, if attached: (attachment id, event sender).
-    control: Option<(u64, mpsc::UnboundedSender<SessionEvent>)>,
+    control: Option<(u64, mpsc::Sender<SessionEvent>)>,
     /// When the control connection dropped; the session ends a grace period later.
     control_lost: Option<Instant>,
     bytes_to_device: u64,
@@ -81,14 +85,54 @@ struct ConnMeta {
     worker: usize,
     client_addr: String,
     opened: Instant,
+    /// The agent has been asked to dial in. A connection made while the agent is reconnecting
+    /// is asked for when it is back.
+    announced: bool,
 }
 
+/// A device's agent as the relay knows it: connected, or within its grace period after its
+/// control connection dropped (tunnels keep running; the device is declared lost after it).
 struct Agent {
-    tx: mpsc::UnboundedSender<ToAgent>,
+    /// The live control connection; `None` while the agent is reconnecting.
+    link: Option<AgentLink>,
     services: Vec<String>,
     since: u64,
-    /// Tells a replaced connection apart from its successor.
+    /// Tells a replaced or dropped connection apart from its successor.
     generation: u64,
+    /// When the control connection dropped.
+    down_since: Option<Instant>,
+}
+
+/// What the relay holds of an agent's live control connection.
+#[derive(Clone)]
+pub struct AgentLink {
+    /// Messages to the agent (bounded: an agent that does not read is dropped).
+    pub tx: mpsc::Sender<ToAgent>,
+    /// Asks the connection to prove it is alive: it pings the agent and answers on the
+    /// oneshot when the pong comes.
+    pub probe: mpsc::Sender<oneshot::Sender<()>>,
+    pub addr: SocketAddr,
+}
+
+/// The answer to an agent that wants its device.
+pub enum Claim {
+    /// It holds the device now (this generation).
+    Granted(u64),
+    /// Another connection holds it; probe that one before deciding.
+    Held { generation: u64, addr: SocketAddr, probe: mpsc::Sender<oneshot::Sender<()>> },
+}
+
+/// Who is calling the control API.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub name: &'a str,
+    pub role: Role,
+}
+
+impl Caller<'_> {
+    fn may_see(&self, s: &Session) -> bool {
+        self.role == Role::Admin || s.operator == self.name
+    }
 }
 
 #[derive(Default)]
@@ -110,8 +154,8 @@ pub struct Relay {
     pub shutdown: watch::Sender<bool>,
     workers: Vec<mpsc::UnboundedSender<Cmd>>,
     tables: Mutex<Tables>,
-    /// Recent failed logins per address: (count, start of the window).
-    auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Per-address handshake shares and the failed-login gate.
+    pub admission: Arc<Admission>,
     next_id: AtomicU64,
 }
 
@@ -131,8 +175,13 @@ impl Relay {
             Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(&t.cert, &t.key)?)),
             None => None,
         };
+        let admission = Admission::new(
+            config.limits.max_handshakes_per_address.min(config.limits.max_handshakes),
+            Duration::from_millis(config.limits.auth_failure_delay_ms),
+        );
         Ok(Relay {
             config,
+            admission,
             metrics: Metrics::default(),
             audit,
             tls,
@@ -140,26 +189,8 @@ impl Relay {
             shutdown: watch::Sender::new(false),
             workers,
             tables: Mutex::default(),
-            auth_failures: Mutex::default(),
             next_id: AtomicU64::new(1),
         })
-    }
-
-    /// Records a failed login from `ip`; returns how long to hold the answer back.
-    pub fn auth_failed(&self, ip: IpAddr) -> Option<Duration> {
-        const WINDOW: Duration = Duration::from_secs(60);
-        const FREE: u32 = 5;
-        let mut failures = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if failures.len() > 100_000 {
-            failures.retain(|_, (_, since)| now.duration_since(*since) < WINDOW);
-        }
-        let entry = failures.entry(ip).or_insert((0, now));
-        if now.duration_since(entry.1) >= WINDOW {
-            *entry = (0, now);
-        }
-        entry.0 += 1;
-        (entry.0 > FREE).then(|| Duration::from_millis(self.config.limits.auth_failure_delay_ms))
     }
 
     pub fn shutting_down(&self) -> bool {
@@ -185,6 +216,7 @@ impl Relay {
         req: StartSession,
         host: &str,
     ) -> Result<SessionStarted, Refusal> {
+        // Checked here too: an API request is not the only way in, and the check is cheap.
         let limits = &self.config.limits;
         if self.shutting_down() {
             return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down", None));
@@ -217,6 +249,14 @@ impl Relay {
         }
         if t.sessions.len() >= limits.max_sessions {
             return Err(Refusal::new(StatusCode::TOO_MANY_REQUESTS, "the relay's session limit is reached", None));
+        }
+        let own = t.sessions.values().filter(|s| s.operator == operator).count();
+        if own >= limits.max_sessions_per_operator {
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("operator {operator} has {own} open sessions, the limit (limits.max_sessions_per_operator)"),
+                None,
+            ));
         }
         let id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         self.audit.write(Record::SessionStart {
@@ -252,6 +292,7 @@ impl Relay {
                 client_token,
                 device_token: Secret::random(),
                 conns: HashMap::new(),
+                attached: false,
                 control: None,
                 control_lost: None,
                 bytes_to_device: 0,
@@ -270,7 +311,7 @@ impl Relay {
             operator: s.operator.clone(),
             created_at: s.created_at,
             expires_at: s.expires_at,
-            device_online: t.agents.contains_key(&s.device),
+            device_online: t.agents.get(&s.device).is_some_and(|a| a.link.is_some()),
             client_connected: s.control.is_some(),
             connections: s.conns.len(),
             bytes_to_device: s.bytes_to_device,
@@ -278,16 +319,26 @@ impl Relay {
         }
     }
 
-    pub fn sessions(&self) -> Vec<SessionInfo> {
+    /// The sessions `caller` may see: its own, or all for an admin.
+    pub fn sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
         let t = self.tables();
-        let mut v: Vec<_> = t.sessions.values().map(|s| Relay::info(&t, s)).collect();
+        let mut v: Vec<_> = t.sessions.values().filter(|s| caller.may_see(s)).map(|s| Relay::info(&t, s)).collect();
         v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         v
     }
 
-    pub fn session(&self, id: &str) -> Option<SessionInfo> {
+    /// One session, if `caller` may see it (another operator's looks like no session at all).
+    pub fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo> {
         let t = self.tables();
-        t.sessions.get(id).map(|s| Relay::info(&t, s))
+        t.sessions.get(id).filter(|s| caller.may_see(s)).map(|s| Relay::info(&t, s))
+    }
+
+    /// Ends a session on an operator's request: only its own, unless it is an admin.
+    pub fn close_session_as(&self, caller: Caller<'_>, id: &str) -> bool {
+        if !self.tables().sessions.get(id).is_some_and(|s| caller.may_see(s)) {
+            return false;
+        }
+        self.close_session(id, CloseCode::SESSION_CLOSED, &format!("session closed by operator {}", caller.name))
     }
 
     pub fn devices(&self) -> Vec<DeviceInfo> {
@@ -299,7 +350,7 @@ impl Relay {
                 let agent = t.agents.get(&d.id);
                 DeviceInfo {
                     id: d.id.clone(),
-                    online: agent.is_some(),
+                    online: agent.is_some_and(|a| a.link.is_some()),
                     services: agent.map(|a| a.services.clone()).unwrap_or_default(),
                     connected_since: agent.map(|a| a.since),
                 }
@@ -307,9 +358,10 @@ impl Relay {
             .collect()
     }
 
+    /// Sessions open, agents connected.
     pub fn counts(&self) -> (usize, usize) {
         let t = self.tables();
-        (t.sessions.len(), t.agents.len())
+        (t.sessions.len(), t.agents.values().filter(|a| a.link.is_some()).count())
     }
 
     /// Ends a session: its client hears `code` on the control connection and every data
@@ -332,7 +384,7 @@ impl Relay {
             bytes_to_client: s.bytes_to_client,
         });
         if let Some((_, tx)) = &s.control {
-            let _ = tx.send(SessionEvent::Closing { code: code.0, reason: reason.to_string() });
+            let _ = tx.try_send(SessionEvent::Closing { code: code.0, reason: reason.to_string() });
         }
         for (&conn, meta) in &s.conns {
             self.send_to_worker(meta.worker, Cmd::Close { conn, code, reason: reason.to_string() });
@@ -356,28 +408,47 @@ impl Relay {
         }
         let conn = self.next_id();
         let worker = (conn as usize) % self.workers.len();
-        s.conns.insert(conn, ConnMeta { worker, client_addr: client_addr.to_string(), opened: Instant::now() });
+        s.attached = true;
+        s.conns.insert(
+            conn,
+            ConnMeta { worker, client_addr: client_addr.to_string(), opened: Instant::now(), announced: false },
+        );
         self.metrics.connections_opened.fetch_add(1, Relaxed);
         Ok(ClientConn { conn, worker, session: s.id.clone() })
     }
 
     /// After the client side of `conn` reached its worker: ask the device's agent to dial in,
     /// or close the connection at once if the device is offline.
+    /// If the agent is reconnecting, the connection waits for it (within its pairing deadline).
     pub fn announce_conn(&self, c: &ClientConn) {
-        let t = self.tables();
-        let Some(s) = t.sessions.get(&c.session) else {
+        let mut guard = self.tables();
+        let t = &mut *guard;
+        let Some(s) = t.sessions.get_mut(&c.session) else {
             return;
         };
-        let msg = ToAgent::Connect {
-            session: s.id.to_string(),
-            conn: c.conn,
-            service: s.service.clone(),
-            token: s.device_token.expose().to_string(),
-        };
-        let sent = t.agents.get(&s.device).is_some_and(|a| a.tx.send(msg).is_ok());
-        if !sent {
-            let reason = format!("device {} is offline", s.device);
-            self.send_to_worker(c.worker, Cmd::Close { conn: c.conn, code: CloseCode::DEVICE_OFFLINE, reason });
+        let Some(meta) = s.conns.get_mut(&c.conn) else { return };
+        let close = |code, reason| Cmd::Close { conn: c.conn, code, reason };
+        match t.agents.get(&s.device) {
+            None => {
+                let reason = format!("device {} is offline", s.device);
+                self.send_to_worker(c.worker, close(CloseCode::DEVICE_OFFLINE, reason));
+            }
+            Some(Agent { link: None, .. }) => {}
+            Some(Agent { link: Some(link), .. }) => {
+                let msg = ToAgent::Connect {
+                    session: s.id.to_string(),
+                    conn: c.conn,
+                    service: s.service.clone(),
+                    token: s.device_token.expose().to_string(),
+                };
+                match link.tx.try_send(msg) {
+                    Ok(()) => meta.announced = true,
+                    Err(_) => {
+                        let reason = format!("the agent of device {} is not reading its control connection", s.device);
+                        self.send_to_worker(c.worker, close(CloseCode::SERVICE_UNREACHABLE, reason));
+                    }
+                }
+            }
         }
     }
 
@@ -388,8 +459,10 @@ impl Relay {
         if !s.device_token.matches(token) {
             return Err(Refusal::bad_token());
         }
+        // The token is right: a connection that already ended is no failed login (the agent
+        // dials back for every client connection, and some end before it arrives).
         s.conns.get(&conn).map(|m| m.worker).ok_or_else(|| {
-            Refusal::new(StatusCode::UNAUTHORIZED, "invalid credentials", Some(HandshakeFailure::UnknownSession))
+            Refusal::new(StatusCode::GONE, "that connection has ended", Some(HandshakeFailure::UnknownSession))
         })
     }
 
@@ -424,6 +497,8 @@ impl Relay {
             return;
         };
         if let Some(worker) = s.conns.get(&conn).map(|m| m.worker) {
+            // The agent's words, escaped and bounded: they go into a close reason and the logs.
+            let reason = crate::proto::printable(reason, 80);
             let reason = format!("device {device} could not reach service {}: {reason}", s.service);
             self.send_to_worker(worker, Cmd::Close { conn, code: CloseCode::SERVICE_UNREACHABLE, reason });
         }
@@ -437,38 +512,106 @@ impl Relay {
         }
     }
 
-    /// An agent's control connection came up; a previous one for the same device is replaced.
-    pub fn agent_up(&self, device: &str, services: Vec<String>, tx: mpsc::UnboundedSender<ToAgent>) -> u64 {
-        let generation = self.next_id();
+    /// An agent (connected from `link.addr`) wants its device. It gets it unless another live
+    /// connection holds it: then the caller probes that one and either refuses the newcomer
+    /// ([`Relay::agent_refused`]) or takes over ([`Relay::agent_take_over`]).
+    pub fn agent_claim(&self, device: &str, services: &[String], link: &AgentLink) -> Claim {
         let mut t = self.tables();
-        t.agents.insert(device.to_string(), Agent { tx, services, since: unix_now(), generation });
-        for s in t.sessions.values().filter(|s| s.device == device) {
-            if let Some((_, tx)) = &s.control {
-                let _ = tx.send(SessionEvent::DeviceOnline);
+        if let Some(Agent { link: Some(held), generation, .. }) = t.agents.get(device) {
+            return Claim::Held { generation: *generation, addr: held.addr, probe: held.probe.clone() };
+        }
+        Claim::Granted(self.link_agent(&mut t, device, services, link))
+    }
+
+    /// Replaces the connection of generation `stale` (it did not answer a probe) with `link`.
+    /// `None` if that connection is gone or replaced already: claim again.
+    pub fn agent_take_over(&self, device: &str, stale: u64, services: &[String], link: &AgentLink) -> Option<u64> {
+        let mut t = self.tables();
+        let old = t.agents.get(device).filter(|a| a.generation == stale)?.link.as_ref()?.addr;
+        self.metrics.agent_takeovers.fetch_add(1, Relaxed);
+        tracing::warn!(device, %old, new = %link.addr, "agent takeover: the connected agent did not answer a probe; the new one replaces it");
+        self.audit.write(Record::AgentTakeover { device, addr: &link.addr.to_string(), replaced: &old.to_string() });
+        Some(self.link_agent(&mut t, device, services, link))
+    }
+
+    /// A second agent for a device whose agent answered: refused, logged, audited, counted.
+    pub fn agent_refused(&self, device: &str, addr: SocketAddr, holder: SocketAddr) {
+        self.metrics.agent_refusals.fetch_add(1, Relaxed);
+        tracing::warn!(device, %addr, %holder, "agent refused: this device's agent is connected and alive (a copied key?)");
+        self.audit.write(Record::AgentRefused { device, addr: &addr.to_string(), holder: &holder.to_string() });
+    }
+
+    fn link_agent(&self, t: &mut Tables, device: &str, services: &[String], link: &AgentLink) -> u64 {
+        let generation = self.next_id();
+        let back = t.agents.get(device).is_some_and(|a| a.down_since.is_some());
+        let since = match t.agents.get(device) {
+            Some(a) if back => a.since,
+            _ => unix_now(),
+        };
+        let agent =
+            Agent { link: Some(link.clone()), services: services.to_vec(), since, generation, down_since: None };
+        let was_online = t.agents.insert(device.to_string(), agent).is_some();
+        for s in t.sessions.values_mut().filter(|s| s.device == device) {
+            if !was_online {
+                if let Some((_, tx)) = &s.control {
+                    let _ = tx.try_send(SessionEvent::DeviceOnline);
+                }
+            }
+            for (&conn, meta) in s.conns.iter_mut() {
+                if back {
+                    self.send_to_worker(meta.worker, Cmd::AgentLink { conn, down: None });
+                }
+                if !meta.announced {
+                    let msg = ToAgent::Connect {
+                        session: s.id.to_string(),
+                        conn,
+                        service: s.service.clone(),
+                        token: s.device_token.expose().to_string(),
+                    };
+                    meta.announced = link.tx.try_send(msg).is_ok();
+                }
             }
         }
-        tracing::info!(device, "agent connected");
+        if back {
+            tracing::info!(device, addr = %link.addr, "agent reconnected within its grace period; its tunnels kept running");
+        } else {
+            tracing::info!(device, addr = %link.addr, "agent connected");
+        }
         generation
     }
 
-    /// An agent's control connection went away: its device's connections end with 4004.
+    /// An agent's control connection went away. Its device's tunnels keep running: the agent
+    /// has `limits.agent_grace_secs` to come back before the device is declared lost (4004).
+    /// Tunnels whose device side drops meanwhile learn the agent is gone, and close with 4004.
     pub fn agent_down(&self, device: &str, generation: u64) {
         let mut t = self.tables();
-        if t.agents.get(device).is_none_or(|a| a.generation != generation) {
+        let Some(agent) = t.agents.get_mut(device).filter(|a| a.generation == generation && a.link.is_some()) else {
             return;
+        };
+        agent.link = None;
+        agent.down_since = Some(Instant::now());
+        let grace = self.config.limits.agent_grace_secs;
+        tracing::info!(device, "agent disconnected; the device is lost unless it reconnects within {grace} s");
+        let reason = format!("device {device} went offline");
+        for s in t.sessions.values().filter(|s| s.device == device) {
+            for (&conn, meta) in &s.conns {
+                self.send_to_worker(meta.worker, Cmd::AgentLink { conn, down: Some(reason.clone()) });
+            }
         }
+    }
+
+    /// The grace period ran out: the device is lost; its connections end with 4004.
+    fn device_lost(&self, t: &mut Tables, device: &str) {
         t.agents.remove(device);
-        tracing::info!(device, "agent disconnected");
+        tracing::info!(device, "device lost: its agent did not reconnect in time");
         let reason = format!("device {device} went offline");
         for s in t.sessions.values().filter(|s| s.device == device) {
             if let Some((_, tx)) = &s.control {
-                let _ = tx.send(SessionEvent::DeviceOffline);
+                let _ = tx.try_send(SessionEvent::DeviceOffline);
             }
             for (&conn, meta) in &s.conns {
-                self.send_to_worker(
-                    meta.worker,
-                    Cmd::Close { conn, code: CloseCode::DEVICE_OFFLINE, reason: reason.clone() },
-                );
+                let close = Cmd::Close { conn, code: CloseCode::DEVICE_OFFLINE, reason: reason.clone() };
+                self.send_to_worker(meta.worker, close);
             }
         }
     }
@@ -478,7 +621,7 @@ impl Relay {
         &self,
         session: &str,
         token: &str,
-        tx: mpsc::UnboundedSender<SessionEvent>,
+        tx: mpsc::Sender<SessionEvent>,
     ) -> Result<(u64, SessionEvent), Refusal> {
         let id = self.next_id();
         let mut t = self.tables();
@@ -487,20 +630,22 @@ impl Relay {
             if !s.client_token.matches(token) {
                 return Err(Refusal::bad_token());
             }
-            t.agents.contains_key(&s.device)
+            t.agents.get(&s.device).is_some_and(|a| a.link.is_some())
         };
         let s = t.sessions.get_mut(session).expect("checked above");
         if let Some((_, old)) = s.control.replace((id, tx)) {
-            let _ =
-                old.send(SessionEvent::Closing { code: 1000, reason: "replaced by a newer control connection".into() });
+            let replaced = "replaced by a newer control connection".into();
+            let _ = old.try_send(SessionEvent::Closing { code: 1000, reason: replaced });
         }
         s.control_lost = None;
+        s.attached = true;
         let ready = SessionEvent::Ready {
             session: s.id.to_string(),
             device: s.device.clone(),
             service: s.service.clone(),
             device_online: online,
             expires_at: s.expires_at,
+            client_grace_secs: Some(self.config.limits.client_grace_secs),
         };
         Ok((id, ready))
     }
@@ -523,26 +668,39 @@ impl Relay {
         }
     }
 
-    /// Ends sessions whose time is up, or whose client vanished longer than the grace period.
+    /// Ends sessions whose time is up, whose client vanished longer than the grace period, or
+    /// that no client attached to in time; declares lost the devices whose agents did not come
+    /// back within theirs.
     pub fn reap(&self) {
         let now = Instant::now();
-        let grace = Duration::from_secs(self.config.limits.client_grace_secs);
-        let (expired, abandoned): (Vec<_>, Vec<_>) = {
-            let t = self.tables();
-            (
-                t.sessions.values().filter(|s| s.expires <= now).map(|s| s.id.clone()).collect(),
-                t.sessions
-                    .values()
-                    .filter(|s| s.control_lost.is_some_and(|at| now.duration_since(at) >= grace))
-                    .map(|s| s.id.clone())
-                    .collect(),
-            )
-        };
-        for id in expired {
-            self.close_session(&id, CloseCode::SESSION_EXPIRED, "session expired");
+        let limits = &self.config.limits;
+        let grace = Duration::from_secs(limits.client_grace_secs);
+        let attach = Duration::from_secs(limits.attach_timeout_secs);
+        let agent_grace = Duration::from_secs(limits.agent_grace_secs);
+        let mut ends: Vec<(Arc<str>, CloseCode, &str)> = Vec::new();
+        {
+            let mut t = self.tables();
+            for s in t.sessions.values() {
+                if s.expires <= now {
+                    ends.push((s.id.clone(), CloseCode::SESSION_EXPIRED, "session expired"));
+                } else if s.control_lost.is_some_and(|at| now.duration_since(at) >= grace) {
+                    ends.push((s.id.clone(), CloseCode::GOING_AWAY, "client went away"));
+                } else if !s.attached && now.duration_since(s.started) >= attach {
+                    ends.push((s.id.clone(), CloseCode::SESSION_EXPIRED, "no client attached in time"));
+                }
+            }
+            let lost: Vec<String> = t
+                .agents
+                .iter()
+                .filter(|(_, a)| a.down_since.is_some_and(|at| now.duration_since(at) >= agent_grace))
+                .map(|(d, _)| d.clone())
+                .collect();
+            for device in lost {
+                self.device_lost(&mut t, &device);
+            }
         }
-        for id in abandoned {
-            self.close_session(&id, CloseCode::GOING_AWAY, "client went away");
+        for (id, code, reason) in ends {
+            self.close_session(&id, code, reason);
         }
     }
 }

@@ -23,6 +23,9 @@ impl CloseCode {
     pub const SESSION_CLOSED: CloseCode = CloseCode(4003);
     /// The device's agent is not connected to the relay.
     pub const DEVICE_OFFLINE: CloseCode = CloseCode(4004);
+    /// Agent control connection only: another agent holds this device id (a second one is
+    /// refused while the first answers; a first that stops answering is replaced).
+    pub const DEVICE_CONFLICT: CloseCode = CloseCode(4005);
 
     /// Whether a peer may put this code on the wire (RFC 6455 §7.4.1–2: 1005, 1006 and 1015
     /// are reserved for reporting, 1016–2999 are unassigned, 5000 and up do not exist). 1014

@@ -43,8 +43,10 @@ pub enum Event<'a> {
 #[error("{error}")]
 pub struct ForwardError {
     pub error: FrameError,
-    /// Bytes of `buf` rewritten before the violation was found. They are well-formed up to the
-    /// offending frame; a relay that closes the tunnel on the violation may drop them.
+    /// Bytes of `buf` rewritten before the violation was found: whole frames, ending where the
+    /// offending frame starts (a relay forwards them, so that e.g. a valid Close before garbage
+    /// still arrives). If the offending frame began in an earlier call, part of it was output
+    /// then: [`Forwarder::at_frame_boundary`] says so.
     pub out: Range<usize>,
 }
 
@@ -86,6 +88,9 @@ pub struct Forwarder {
     fragmented: bool,
     /// The peer sent Close: nothing may follow.
     closed: bool,
+    /// The output stops inside a frame for good: a control frame failed its check after part of
+    /// it was output by an earlier call.
+    cut: bool,
     /// The first violation; the stream cannot be resynchronised after one.
     failed: Option<FrameError>,
 }
@@ -105,6 +110,7 @@ impl Forwarder {
             control: Vec::new(),
             fragmented: false,
             closed: false,
+            cut: false,
             failed: None,
         }
     }
@@ -115,14 +121,16 @@ impl Forwarder {
         self.carry_len as usize
     }
 
-    /// Between frames with nothing carried: a frame of the relay's own may be sent here.
+    /// The output so far ends between frames (a header carried for the next read is not output
+    /// yet): a frame of the relay's own may be sent here.
     pub fn at_frame_boundary(&self) -> bool {
-        self.remaining == 0 && self.carry_len == 0
+        self.remaining == 0 && !self.cut
     }
 
-    /// Inside a fragmented message (its final frame has not started).
-    pub fn in_message(&self) -> bool {
-        self.fragmented
+    /// Payload bytes of the frame in flight still to come (0 between frames): what a relay that
+    /// stops the stream must still forward to finish that frame.
+    pub fn frame_remaining(&self) -> u64 {
+        self.remaining
     }
 
     /// The peer's Close frame has passed.
@@ -162,6 +170,8 @@ impl Forwarder {
 
         let end = data.end;
         let (mut r, mut w) = (start, start);
+        // Where this call output the current frame's header, if it did.
+        let mut frame_w: Option<usize> = None;
         let result = loop {
             if self.remaining > 0 {
                 let n = self.remaining.min((end - r) as u64) as usize;
@@ -179,7 +189,7 @@ impl Forwarder {
                 self.phase = ((self.phase as usize + n) & 3) as u8;
                 if self.remaining == 0 {
                     if let Err(e) = self.finish_frame(&mut on_event) {
-                        break Err(e);
+                        break Err((e, frame_w));
                     }
                 }
             }
@@ -194,9 +204,10 @@ impl Forwarder {
                     self.carry_len = n as u8;
                     break Ok(());
                 }
-                Err(e) => break Err(e),
+                Err(e) => break Err((e, Some(w))),
             };
             let out_size = header.size - 4;
+            frame_w = Some(w);
             buf.copy_within(r..r + out_size, w);
             buf[w + 1] &= 0x7f;
             r += header.size;
@@ -204,15 +215,21 @@ impl Forwarder {
             self.start_frame(header, &mut on_event);
             if self.remaining == 0 {
                 if let Err(e) = self.finish_frame(&mut on_event) {
-                    break Err(e);
+                    break Err((e, frame_w));
                 }
             }
         };
         match result {
             Ok(()) => Ok(start..w),
-            Err(error) => {
+            Err((error, offending_at)) => {
                 self.failed = Some(error);
-                Err(ForwardError { error, out: start..w })
+                // The offending frame is not output; if it began in an earlier call, the output
+                // already holds its start and can never end at a frame boundary again.
+                let end = offending_at.unwrap_or_else(|| {
+                    self.cut = true;
+                    start
+                });
+                Err(ForwardError { error, out: start..end })
             }
         }
     }
@@ -590,6 +607,45 @@ mod tests {
     }
 
     #[test]
+    fn a_close_before_a_violation_is_output_and_a_bad_close_is_not() {
+        let mut input = masked(true, OpCode::Close, &1000u16.to_be_bytes());
+        input.extend(plain(true, OpCode::Binary, b"late and unmasked"));
+        let r = run(&input);
+        assert_eq!(r.result, Err(FrameError::FrameAfterClose));
+        assert_eq!(r.out, plain(true, OpCode::Close, &1000u16.to_be_bytes()));
+
+        let mut input = masked(true, OpCode::Binary, b"good");
+        input.extend(masked(true, OpCode::Close, &1005u16.to_be_bytes()));
+        for read in [input.len(), 16] {
+            let mut f = Forwarder::new(BIG);
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; HEADROOM + read];
+            let mut err = None;
+            for chunk in input.chunks(read) {
+                buf[HEADROOM..HEADROOM + chunk.len()].copy_from_slice(chunk);
+                match f.forward(&mut buf, HEADROOM..HEADROOM + chunk.len(), |_| {}) {
+                    Ok(o) => out.extend_from_slice(&buf[o]),
+                    Err(e) => {
+                        out.extend_from_slice(&buf[e.out.clone()]);
+                        err = Some(e.error);
+                        break;
+                    }
+                }
+            }
+            assert_eq!(err, Some(FrameError::InvalidCloseCode(1005)));
+            let good = plain(true, OpCode::Binary, b"good");
+            if read == input.len() {
+                assert_eq!(out, good, "the bad Close is not output");
+                assert!(f.at_frame_boundary());
+            } else {
+                // Split: the bad Close's header went out before its code was seen.
+                assert!(out.starts_with(&good) && out.len() > good.len());
+                assert!(!f.at_frame_boundary(), "the output is cut inside the bad frame");
+            }
+        }
+    }
+
+    #[test]
     fn a_partial_header_is_carried_into_the_headroom() {
         let frame = masked(true, OpCode::Binary, &[9; 70_000]);
         let mut f = Forwarder::new(BIG);
@@ -598,7 +654,8 @@ mod tests {
         let out = f.forward(&mut buf, HEADROOM..HEADROOM + 11, |_| {}).unwrap();
         assert!(out.is_empty());
         assert_eq!(f.carried(), 11);
-        assert!(!f.at_frame_boundary());
+        assert!(f.at_frame_boundary(), "nothing of the carried header is output yet");
+        assert_eq!(f.frame_remaining(), 0);
         let rest = frame.len() - 11;
         buf[HEADROOM..HEADROOM + rest].copy_from_slice(&frame[11..]);
         let out = f.forward(&mut buf, HEADROOM..HEADROOM + rest, |_| {}).unwrap();

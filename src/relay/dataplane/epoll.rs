@@ -92,6 +92,10 @@ impl Io for EpollIo {
         // SAFETY: shutdown(2) on a descriptor this stream owns and keeps open.
         unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RDWR) };
     }
+
+    fn peer_closed(&self) -> bool {
+        super::tcp_peer_closed(std::os::fd::AsFd::as_fd(&self.0))
+    }
 }
 
 impl EpollIo {

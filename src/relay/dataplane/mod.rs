@@ -72,6 +72,34 @@ pub enum Cmd {
     Device { conn: u64, stream: DataSocket, leftover: Bytes },
     /// End `conn` with this close code on both sides.
     Close { conn: u64, code: CloseCode, reason: String },
+    /// The agent of `conn`'s device left its control connection (`Some(reason)`: if the device
+    /// side drops now, the client hears 4004 with this reason) or came back (`None`).
+    AgentLink { conn: u64, down: Option<String> },
+}
+
+/// Whether the peer of a TCP socket has closed its side: the connection received a FIN
+/// (CLOSE_WAIT, LAST_ACK, CLOSING) or was reset (CLOSE), per `TCP_INFO`.
+pub(crate) fn tcp_peer_closed(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain old data; an all-zero value is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which outlives the call; the
+    // descriptor is borrowed, so it is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    const CLOSE: u8 = 7;
+    const CLOSE_WAIT: u8 = 8;
+    const LAST_ACK: u8 = 9;
+    const CLOSING: u8 = 11;
+    rc == 0 && matches!(info.tcpi_state, CLOSE | CLOSE_WAIT | LAST_ACK | CLOSING)
 }
 
 /// Socket options every data connection gets: no Nagle delay, and TCP keepalive so that a
@@ -148,6 +176,13 @@ impl<I: tunnel::Io> tunnel::Io for Side<I> {
         match self {
             Side::Plain(io) => io.shutdown(),
             Side::Tls(io) => io.shutdown(),
+        }
+    }
+
+    fn peer_closed(&self) -> bool {
+        match self {
+            Side::Plain(io) => io.peer_closed(),
+            Side::Tls(io) => io.peer_closed(),
         }
     }
 }
@@ -259,6 +294,11 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                     table.borrow_mut().remove(conn);
                     relay.conn_ended(&session, conn, end);
                 });
+            }
+            Cmd::AgentLink { conn, down } => {
+                if let Some(Entry::Active(ctl)) = table.borrow().get(conn) {
+                    ctl.agent_link(down.as_deref());
+                }
             }
             Cmd::Close { conn, code, reason } => {
                 let active = match table.borrow().get(conn) {

@@ -93,6 +93,10 @@ impl<B: DerefMut<Target = [u8]>> Io for TlsIo<B> {
     fn shutdown(&self) {
         let _ = socket2::SockRef::from(self.tls.borrow().get_ref().0).shutdown(std::net::Shutdown::Both);
     }
+
+    fn peer_closed(&self) -> bool {
+        super::tcp_peer_closed(std::os::fd::AsFd::as_fd(self.tls.borrow().get_ref().0))
+    }
 }
 
 impl<B> TlsIo<B> {

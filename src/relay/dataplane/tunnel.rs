@@ -60,10 +60,16 @@ pub(crate) trait Io {
     async fn write_owned(&self, bytes: Vec<u8>) -> io::Result<()>;
     /// Shuts both directions down (ends any peer's wait on us).
     fn shutdown(&self);
+    /// The peer has closed its side of the TCP connection (FIN or reset). Cheap, but a system
+    /// call: asked only while a write is stuck.
+    fn peer_closed(&self) -> bool;
 }
 
 /// How long a tunnel whose device side dropped waits to hear that the agent is gone.
 const AGENT_LOSS_GRACE: Duration = Duration::from_secs(2);
+/// While a write waits for a destination that takes nothing, how often the source is checked
+/// for having hung up.
+const HANGUP_CHECK: Duration = Duration::from_millis(250);
 
 /// Which way a pump moves bytes. The index of each tunnel array below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +111,9 @@ pub(crate) struct TunnelCtl {
     farewell: RefCell<[Option<Box<ControlFrame>>; 2]>,
     /// Why the relay stopped the tunnel, for the audit log.
     why: RefCell<Option<String>>,
+    /// Set while the device's agent is off its control connection: the Close the client gets if
+    /// the device side then drops (4004, the device is gone) instead of a bare 1001.
+    agent_gone: RefCell<Option<Box<ControlFrame>>>,
 }
 
 impl TunnelCtl {
@@ -114,6 +123,26 @@ impl TunnelCtl {
             wake: Notify::new(),
             farewell: RefCell::new([None, None]),
             why: RefCell::new(None),
+            agent_gone: RefCell::new(None),
+        }
+    }
+
+    /// The device's agent left its control connection (`Some(reason)`) or came back (`None`).
+    pub(crate) fn agent_link(&self, down: Option<&str>) {
+        *self.agent_gone.borrow_mut() = down.map(|reason| Box::new(encode::close(CloseCode::DEVICE_OFFLINE, reason)));
+        self.wake.notify_waiters();
+    }
+
+    /// Resolves once the tunnel is told to stop or its agent is known to be gone. Cancel-safe.
+    async fn stopped_or_agent_gone(&self) {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stopping.get() || self.agent_gone.borrow().is_some() {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -199,29 +228,70 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(leg: Leg<'_, I, P>, mut leftover: By
         } else {
             None
         };
-        if let Some(end) = Box::pin(cycle(&leg, &mut fwd, ready, &mut leftover)).await {
+        if let Some(end) = Box::pin(cycle(&leg, &mut fwd, ready, &mut leftover, None)).await {
             break end;
         }
     };
+    if matches!(end, PumpEnd::Stopped) && !fwd.at_frame_boundary() && leg.ctl.farewell(leg.dir).is_some() {
+        Box::pin(finish_frame(&leg, &mut fwd, &mut leftover)).await;
+    }
     Box::pin(farewell(&leg, &fwd, &end)).await;
     end
 }
 
+/// The tunnel was stopped in the middle of a frame toward `dst`: forward the rest of that frame
+/// (and nothing after it) so the farewell Close can follow it, within `limits.close_timeout_secs`.
+/// A source that does not deliver the rest in time, or is gone, leaves the frame unfinished: the
+/// relay never makes up bytes, so that destination then gets no Close (its client still learns
+/// why on the session control connection).
+async fn finish_frame<I: Io, P: Pool<Buf = I::Buf>>(leg: &Leg<'_, I, P>, fwd: &mut Forwarder, leftover: &mut Bytes) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(leg.relay.config.limits.close_timeout_secs);
+    while !fwd.at_frame_boundary() {
+        let ready = if leftover.is_empty() {
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(deadline) => return,
+                ready = leg.src.readable() => match ready {
+                    Ok(r) => Some(r),
+                    Err(_) => return,
+                },
+            }
+        } else {
+            None
+        };
+        if Box::pin(cycle(leg, fwd, ready, leftover, Some(deadline))).await.is_some() {
+            return;
+        }
+    }
+}
+
 /// One buffer's round: take a buffer, read (or take leftover bytes), rewrite, write, give the
 /// buffer back. `Some` ends the pump.
+///
+/// `finishing`: the tunnel is stopping and this round only completes the frame in flight: bytes
+/// past its end are dropped, and the buffer wait is raced against this deadline instead of the
+/// stop signal.
 async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
     leg: &Leg<'a, I, P>,
     fwd: &mut Forwarder,
     mut ready: Option<I::Ready<'a>>,
     leftover: &mut Bytes,
+    finishing: Option<tokio::time::Instant>,
 ) -> Option<PumpEnd> {
     let Leg { dir, src, dst, pool, ctl, relay, moved } = *leg;
     let mut buf = match ready.as_mut().and_then(I::held) {
         Some(buf) => buf,
-        None => tokio::select! {
-            biased;
-            _ = ctl.stopped() => return Some(PumpEnd::Stopped),
-            buf = pool.acquire() => buf,
+        None => match finishing {
+            None => tokio::select! {
+                biased;
+                _ = ctl.stopped() => return Some(PumpEnd::Stopped),
+                buf = pool.acquire() => buf,
+            },
+            Some(deadline) => tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(deadline) => return Some(PumpEnd::Stopped),
+                buf = pool.acquire() => buf,
+            },
         },
     };
     relay.metrics.buffers_in_use.fetch_add(1, Relaxed);
@@ -247,12 +317,19 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
         }
         Ok(Some(n)) => n,
     };
+    // Finishing: only what is left of the frame in flight (the rest is dropped with the tunnel).
+    let n = match finishing {
+        Some(_) => n.min(usize::try_from(fwd.frame_remaining()).unwrap_or(usize::MAX)),
+        None => n,
+    };
+    // On a violation the whole frames before it still go on: a Close the source sent before
+    // breaking the rules reaches the other side.
     let (out, violation) = match fwd.forward(&mut buf, HEADROOM..HEADROOM + n, |_: Event<'_>| {}) {
         Ok(out) => (out, None),
         Err(e) => (e.out.clone(), Some(e.error)),
     };
     let mut failed = false;
-    if !out.is_empty() && violation.is_none() {
+    if !out.is_empty() {
         let len = out.len();
         let (res, b) = dst.write_now(buf, out.clone()).await;
         buf = b;
@@ -266,7 +343,7 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
             }
         };
         release(pool, relay, buf);
-        failed = failed || dst.write_owned(rest).await.is_err();
+        failed = failed || write_rest(leg, rest).await.is_err();
         if !failed {
             let counter = match dir {
                 Dir::ToDevice => &relay.metrics.bytes_to_device,
@@ -289,6 +366,36 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
     fwd.closed().then_some(PumpEnd::Closed)
 }
 
+/// Writes what the destination did not take at once, waiting as long as it takes, unless the
+/// source hangs up meanwhile: then the destination gets `limits.close_timeout_secs` more, and if
+/// it still takes nothing, both sockets are shut down (the write then fails; the tunnel ends).
+/// Without this, a client that left a service that never reads would keep the tunnel until
+/// the idle timeout.
+async fn write_rest<I: Io, P>(leg: &Leg<'_, I, P>, rest: Vec<u8>) -> io::Result<()> {
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let write = leg.dst.write_owned(rest);
+    tokio::pin!(write);
+    let close_wait = Duration::from_secs(leg.relay.config.limits.close_timeout_secs);
+    let mut hung_up_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            res = &mut write => return res,
+            _ = tokio::time::sleep(HANGUP_CHECK) => {
+                if hung_up_at.is_none() && leg.src.peer_closed() {
+                    hung_up_at = Some(tokio::time::Instant::now());
+                }
+                if hung_up_at.is_some_and(|at| at.elapsed() >= close_wait) {
+                    // Completes the stuck write with an error instead of dropping it.
+                    leg.src.shutdown();
+                    leg.dst.shutdown();
+                }
+            }
+        }
+    }
+}
+
 /// On the way out, tells the destination why, if a frame of ours can still go there.
 async fn farewell<I: Io, P>(leg: &Leg<'_, I, P>, fwd: &Forwarder, end: &PumpEnd) {
     let (dir, ctl) = (leg.dir, leg.ctl);
@@ -297,8 +404,10 @@ async fn farewell<I: Io, P>(leg: &Leg<'_, I, P>, fwd: &Forwarder, end: &PumpEnd)
             // A device side that drops without a Close usually means the agent died, and its
             // control connection is about to report it: give that a moment, so the client
             // hears 4004 (device offline) rather than a bare 1001.
-            let _ = tokio::time::timeout(AGENT_LOSS_GRACE, ctl.stopped()).await;
-            ctl.farewell(dir).or(Some(encode::close(CloseCode::GOING_AWAY, "device disconnected")))
+            let _ = tokio::time::timeout(AGENT_LOSS_GRACE, ctl.stopped_or_agent_gone()).await;
+            ctl.farewell(dir)
+                .or_else(|| ctl.agent_gone.borrow().as_deref().copied())
+                .or(Some(encode::close(CloseCode::GOING_AWAY, "device disconnected")))
         }
         PumpEnd::Gone => Some(encode::close(CloseCode::GOING_AWAY, &format!("{} disconnected", dir.source()))),
         PumpEnd::Violation(e) => {
@@ -335,11 +444,23 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     let to_device = pump(leg(Dir::ToDevice, &client, &device), client_leftover);
     let to_client = pump(leg(Dir::ToClient, &device, &client), device_leftover);
     let idle = idle_watch(&moved, ctl, Duration::from_secs(limits.idle_timeout_secs));
-    tokio::pin!(to_device, to_client, idle);
+    // Once the tunnel is told to stop, everything left (finishing frames in flight, farewells,
+    // writes to peers that stopped reading) gets `close_timeout_secs`; then both sockets are
+    // shut down, which completes every pending operation with an error instead of dropping it.
+    let close_wait = Duration::from_secs(limits.close_timeout_secs);
+    let guard = async {
+        ctl.stopped().await;
+        tokio::time::sleep(close_wait).await;
+        client.shutdown();
+        device.shutdown();
+        std::future::pending::<()>().await
+    };
+    tokio::pin!(to_device, to_client, idle, guard);
     let (first_dir, first) = tokio::select! {
         end = &mut to_device => (Dir::ToDevice, end),
         end = &mut to_client => (Dir::ToClient, end),
         _ = &mut idle => unreachable!("the idle watch never returns"),
+        _ = &mut guard => unreachable!("the close guard never returns"),
     };
     // The close runs in a boxed future of its own: an idle tunnel's task carries none of its
     // state (the close timer alone is ~100 bytes).
@@ -360,14 +481,7 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
             }
         };
         tokio::pin!(other);
-        if let PumpEnd::Closed = first {
-            // A normal close: the other side may keep sending (TCP half-close) until it closes too;
-            // only the idle timeout ends a half-closed tunnel early.
-            tokio::select! {
-                _ = &mut other => {}
-                _ = &mut idle => unreachable!("the idle watch never returns"),
-            }
-        } else {
+        if !matches!(first, PumpEnd::Closed) {
             // The other pump writes to the first pump's source: a violator hears why.
             let to_source = match &first {
                 PumpEnd::Violation(e) => Some(encode::close(e.close_code(), &e.to_string())),
@@ -377,14 +491,13 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
                 Dir::ToDevice => ctl.stop(None, to_source),
                 Dir::ToClient => ctl.stop(to_source, None),
             }
-            let close_wait = Duration::from_secs(limits.close_timeout_secs);
-            if tokio::time::timeout(close_wait, &mut other).await.is_err() {
-                // A write stuck on a peer that stopped reading: shutting the sockets down completes
-                // it with an error, so the operation ends without being dropped.
-                client.shutdown();
-                device.shutdown();
-                other.await;
-            }
+        }
+        // After a normal close the other side may keep sending (TCP half-close) until it closes
+        // too; only the idle timeout (or a stop) ends a half-closed tunnel early.
+        tokio::select! {
+            _ = &mut other => {}
+            _ = &mut idle => unreachable!("the idle watch never returns"),
+            _ = &mut guard => unreachable!("the close guard never returns"),
         }
         reason
     })

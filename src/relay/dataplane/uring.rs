@@ -734,6 +734,10 @@ impl Io for UringIo {
         // SAFETY: shutdown(2) on a descriptor this value owns.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
     }
+
+    fn peer_closed(&self) -> bool {
+        super::tcp_peer_closed(std::os::fd::AsFd::as_fd(&self.fd))
+    }
 }
 
 impl Drop for Driver {
