@@ -527,6 +527,12 @@ struct ProxyConn {
 
 impl BlipProxy {
     pub fn start(upstream: SocketAddr) -> BlipProxy {
+        BlipProxy::throttled(upstream, 16 << 10, Duration::ZERO)
+    }
+
+    /// A proxy that passes bytes on in pieces of at most `piece`, pausing `pause` after each: a
+    /// slow link that splits frames.
+    pub fn throttled(upstream: SocketAddr, piece: usize, pause: Duration) -> BlipProxy {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -553,13 +559,16 @@ impl BlipProxy {
                 ] {
                     let resetting = resetting.clone();
                     thread::spawn(move || {
-                        let mut buf = [0u8; 16 << 10];
+                        let mut buf = vec![0u8; piece];
                         loop {
                             match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
+                                    }
+                                    if !pause.is_zero() {
+                                        thread::sleep(pause);
                                     }
                                 }
                             }
