@@ -126,36 +126,12 @@ fn a_tunnel_whose_device_is_lost_in_the_middle_of_a_frame_finishes_it_then_sends
 fn every_busy_tunnel_hears_its_close_code() {
     let relay = Relay::start("epoll", "[limits]\nmax_connections_per_session = 64\n");
     // A device service that writes as fast as it can until the connection ends.
-    let firehose = TcpListener::bind("127.0.0.1:0").unwrap();
-    let fire = firehose.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in firehose.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let chunk = vec![0x5au8; 48 << 10];
-                while s.write_all(&chunk).is_ok() {}
-            });
-        }
-    });
+    let fire = firehose_server(48 << 10);
     // The agent's connections go through a proxy that passes them on in 16 KiB pieces a
     // millisecond apart, as a slow device uplink would: the relay mostly holds part of a frame
     // when the session ends.
-    let proxy = BlipProxy::start(relay.addr);
-    let (_agent, _) = Proc::spawn(
-        "agent",
-        &[
-            "agent",
-            "--relay",
-            &proxy.url(),
-            "--device",
-            DEVICE_ID,
-            "--key",
-            DEVICE_KEY,
-            "--service",
-            &format!("fire={fire}"),
-        ],
-        false,
-    );
+    let proxy = BlipProxy::throttled(relay.addr, 16 << 10, Duration::from_millis(1));
+    let _agent = spawn_agent(&proxy.url(), &[format!("fire={fire}")]);
     relay.wait_device_online(DEVICE_ID, true);
     for (end, want) in [("delete", 4003), ("expire", 4002)] {
         let ttl = if end == "expire" { Some(3) } else { None };
@@ -422,21 +398,7 @@ fn a_reset_of_the_agents_control_connection_leaves_its_tunnels_running() {
     let relay = Relay::start("epoll", "");
     let proxy = BlipProxy::start(relay.addr);
     let echo = echo_server();
-    let (_agent, _) = Proc::spawn(
-        "agent",
-        &[
-            "agent",
-            "--relay",
-            &proxy.url(),
-            "--device",
-            DEVICE_ID,
-            "--key",
-            DEVICE_KEY,
-            "--service",
-            &format!("echo={echo}"),
-        ],
-        false,
-    );
+    let _agent = spawn_agent(&proxy.url(), &[format!("echo={echo}")]);
     relay.wait_device_online(DEVICE_ID, true);
     let (_, url, token) = relay.start_session("echo", None);
     let mut ws = ws_connect(&url, &token);

@@ -263,12 +263,7 @@ fn a_second_agent_for_a_device_is_refused_while_the_first_answers_and_takes_over
     let echo = echo_server();
     // Two real agents with the same id and key: the first keeps the device, the second is refused.
     let first = relay.agent(&[format!("echo={echo}")]);
-    let url = relay.url();
-    let (second, _) = Proc::spawn(
-        "agent",
-        &["agent", "--relay", &url, "--device", DEVICE_ID, "--key", DEVICE_KEY, "--service", &format!("echo={echo}")],
-        false,
-    );
+    let second = spawn_agent(&relay.url(), &[format!("echo={echo}")]);
     let deadline = Instant::now() + Duration::from_secs(15);
     while relay.metric("ringway_agent_refusals_total") == 0 {
         assert!(Instant::now() < deadline, "the second agent was never refused: {}", relay.proc.stderr());

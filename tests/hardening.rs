@@ -303,17 +303,7 @@ fn stalled_readers_hold_memory_flat_and_other_tunnels_keep_moving_on_epoll() {
 fn stalled_readers(backend: &str) {
     let relay = Relay::start(backend, "[dataplane]\nbuffers = 4\nbuffer_size = 16384\n");
     // A device service that writes as fast as it can, forever.
-    let firehose = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let fire_addr = firehose.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in firehose.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let chunk = vec![0x5au8; 64 << 10];
-                while s.write_all(&chunk).is_ok() {}
-            });
-        }
-    });
+    let fire_addr = firehose_server(64 << 10);
     let echo = echo_server();
     let _agent = relay.agent(&[format!("fire={fire_addr}"), format!("echo={echo}")]);
     let (_, fire_url, fire_token) = relay.start_session("fire", None);

@@ -143,13 +143,7 @@ impl Relay {
 
     /// Starts an agent for dev-1 with `services` (NAME=HOST:PORT) and waits until it is online.
     pub fn agent(&self, services: &[String]) -> Proc {
-        let mut args = vec!["agent".to_string(), "--relay".into(), self.url(), "--device".into(), DEVICE_ID.into()];
-        args.extend(["--key".into(), DEVICE_KEY.into()]);
-        for s in services {
-            args.extend(["--service".into(), s.clone()]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (proc, _) = Proc::spawn("agent", &args, false);
+        let proc = spawn_agent(&self.url(), services);
         self.wait_device_online(DEVICE_ID, true);
         proc
     }
@@ -212,6 +206,35 @@ impl Relay {
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.proc.pid())).unwrap().count()
     }
+}
+
+/// Starts an agent for dev-1 that dials `relay_url` (the relay, or a proxy in front of it),
+/// offering `services` (NAME=HOST:PORT); does not wait for it.
+pub fn spawn_agent(relay_url: &str, services: &[String]) -> Proc {
+    let mut args = vec!["agent".to_string(), "--relay".into(), relay_url.into(), "--device".into(), DEVICE_ID.into()];
+    args.extend(["--key".into(), DEVICE_KEY.into()]);
+    for s in services {
+        args.extend(["--service".into(), s.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn("agent", &args, false).0
+}
+
+/// A TCP service that writes `chunk`-sized blocks as fast as it can to every connection until
+/// the connection ends.
+pub fn firehose_server(chunk: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let block = vec![0x5au8; chunk];
+                while s.write_all(&block).is_ok() {}
+            });
+        }
+    });
+    addr
 }
 
 /// A minimal HTTP/1.1 request over a fresh connection: (status, body).

@@ -443,24 +443,12 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     let leg = |dir, src, dst| Leg { dir, src, dst, pool, ctl, relay, moved: &moved };
     let to_device = pump(leg(Dir::ToDevice, &client, &device), client_leftover);
     let to_client = pump(leg(Dir::ToClient, &device, &client), device_leftover);
-    let idle = idle_watch(&moved, ctl, Duration::from_secs(limits.idle_timeout_secs));
-    // Once the tunnel is told to stop, everything left (finishing frames in flight, farewells,
-    // writes to peers that stopped reading) gets `close_timeout_secs`; then both sockets are
-    // shut down, which completes every pending operation with an error instead of dropping it.
-    let close_wait = Duration::from_secs(limits.close_timeout_secs);
-    let guard = async {
-        ctl.stopped().await;
-        tokio::time::sleep(close_wait).await;
-        client.shutdown();
-        device.shutdown();
-        std::future::pending::<()>().await
-    };
-    tokio::pin!(to_device, to_client, idle, guard);
+    let watchdog = watchdog(&moved, ctl, limits, [&client, &device]);
+    tokio::pin!(to_device, to_client, watchdog);
     let (first_dir, first) = tokio::select! {
         end = &mut to_device => (Dir::ToDevice, end),
         end = &mut to_client => (Dir::ToClient, end),
-        _ = &mut idle => unreachable!("the idle watch never returns"),
-        _ = &mut guard => unreachable!("the close guard never returns"),
+        _ = &mut watchdog => unreachable!("the watchdog never returns"),
     };
     // The close runs in a boxed future of its own: an idle tunnel's task carries none of its
     // state (the close timer alone is ~100 bytes).
@@ -496,8 +484,7 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
         // too; only the idle timeout (or a stop) ends a half-closed tunnel early.
         tokio::select! {
             _ = &mut other => {}
-            _ = &mut idle => unreachable!("the idle watch never returns"),
-            _ = &mut guard => unreachable!("the close guard never returns"),
+            _ = &mut watchdog => unreachable!("the watchdog never returns"),
         }
         reason
     })
@@ -508,15 +495,34 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
 }
 
 /// Closes the tunnel with 1001 once no byte moved either way for `idle`; then waits forever.
-async fn idle_watch(moved: &Moved, ctl: &TunnelCtl, idle: Duration) {
+/// The tunnel's one timer. Until the tunnel stops, it closes it with 1001 once no byte moved
+/// either way for `limits.idle_timeout_secs`. Once it is told to stop, everything left
+/// (finishing frames in flight, farewells, writes to peers that stopped reading) gets
+/// `limits.close_timeout_secs`; then both sockets are shut down, which completes every pending
+/// operation with an error instead of dropping it. Never returns.
+async fn watchdog<I: Io>(moved: &Moved, ctl: &TunnelCtl, limits: &crate::config::Limits, sides: [&I; 2]) {
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
     loop {
         let deadline = moved.last.get() + idle;
         if tokio::time::Instant::now() >= deadline {
             ctl.close_because(CloseCode::GOING_AWAY, &format!("idle for {} s", idle.as_secs()));
-            return std::future::pending().await;
+            break;
         }
-        tokio::time::sleep_until(deadline).await;
+        tokio::select! {
+            biased;
+            _ = ctl.stopped() => break,
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
     }
+    // Boxed: an idle tunnel's task does not carry this second timer.
+    Box::pin(async {
+        tokio::time::sleep(Duration::from_secs(limits.close_timeout_secs)).await;
+        for side in sides {
+            side.shutdown();
+        }
+        std::future::pending::<()>().await
+    })
+    .await
 }
 
 /// Sends a Close to a connection that never got paired, then closes it.
