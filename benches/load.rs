@@ -141,7 +141,7 @@ impl Rig {
                     backend,
                     &format!(
                         "[dataplane]\nworkers = 1\n{extra}\n[limits]\nmax_connections_per_session = 1000000\n\
-                         max_handshakes = 100000\n"
+                         max_handshakes = 100000\nmax_sessions_per_operator = 100000\n"
                     ),
                 );
                 pin_to(1, relay.proc.pid());

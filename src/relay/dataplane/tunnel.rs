@@ -67,9 +67,9 @@ pub(crate) trait Io {
 
 /// How long a tunnel whose device side dropped waits to hear that the agent is gone.
 const AGENT_LOSS_GRACE: Duration = Duration::from_secs(2);
-/// While a write waits for a destination that takes nothing, how often the source is checked
-/// for having hung up.
-const HANGUP_CHECK: Duration = Duration::from_millis(250);
+/// While a write waits for a destination that takes nothing, how often it checks whether to
+/// give up (the tunnel is stopping, or the source hung up).
+const WRITE_CHECK: Duration = Duration::from_millis(250);
 
 /// Which way a pump moves bytes. The index of each tunnel array below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,10 +232,7 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(leg: Leg<'_, I, P>, mut leftover: By
             break end;
         }
     };
-    if matches!(end, PumpEnd::Stopped) && !fwd.at_frame_boundary() && leg.ctl.farewell(leg.dir).is_some() {
-        Box::pin(finish_frame(&leg, &mut fwd, &mut leftover)).await;
-    }
-    Box::pin(farewell(&leg, &fwd, &end)).await;
+    Box::pin(farewell(&leg, &mut fwd, &mut leftover, &end)).await;
     end
 }
 
@@ -259,7 +256,7 @@ async fn finish_frame<I: Io, P: Pool<Buf = I::Buf>>(leg: &Leg<'_, I, P>, fwd: &m
         } else {
             None
         };
-        if Box::pin(cycle(leg, fwd, ready, leftover, Some(deadline))).await.is_some() {
+        if cycle(leg, fwd, ready, leftover, Some(deadline)).await.is_some() {
             return;
         }
     }
@@ -366,11 +363,15 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
     fwd.closed().then_some(PumpEnd::Closed)
 }
 
-/// Writes what the destination did not take at once, waiting as long as it takes, unless the
-/// source hangs up meanwhile: then the destination gets `limits.close_timeout_secs` more, and if
-/// it still takes nothing, both sockets are shut down (the write then fails; the tunnel ends).
-/// Without this, a client that left a service that never reads would keep the tunnel until
-/// the idle timeout.
+/// Writes what the destination did not take at once (a frame's tail, a farewell), waiting as
+/// long as it takes — unless the tunnel is stopping or the source hung up meanwhile: then the
+/// destination gets `limits.close_timeout_secs` more, and if it has not taken everything by then,
+/// both sockets are shut down (the write fails and the tunnel ends; nothing is dropped while in
+/// flight). So a stopped tunnel never waits longer on a peer that stopped reading, and a client
+/// that left a service that never reads does not keep its tunnel until the idle timeout.
+///
+/// The checks run only on this slow path, every `WRITE_CHECK`: an idle tunnel carries no timer
+/// for them.
 async fn write_rest<I: Io, P>(leg: &Leg<'_, I, P>, rest: Vec<u8>) -> io::Result<()> {
     if rest.is_empty() {
         return Ok(());
@@ -378,16 +379,15 @@ async fn write_rest<I: Io, P>(leg: &Leg<'_, I, P>, rest: Vec<u8>) -> io::Result<
     let write = leg.dst.write_owned(rest);
     tokio::pin!(write);
     let close_wait = Duration::from_secs(leg.relay.config.limits.close_timeout_secs);
-    let mut hung_up_at: Option<tokio::time::Instant> = None;
+    let mut giving_up_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             res = &mut write => return res,
-            _ = tokio::time::sleep(HANGUP_CHECK) => {
-                if hung_up_at.is_none() && leg.src.peer_closed() {
-                    hung_up_at = Some(tokio::time::Instant::now());
+            _ = tokio::time::sleep(WRITE_CHECK) => {
+                if giving_up_since.is_none() && (leg.ctl.stopping.get() || leg.src.peer_closed()) {
+                    giving_up_since = Some(tokio::time::Instant::now());
                 }
-                if hung_up_at.is_some_and(|at| at.elapsed() >= close_wait) {
-                    // Completes the stuck write with an error instead of dropping it.
+                if giving_up_since.is_some_and(|at| at.elapsed() >= close_wait) {
                     leg.src.shutdown();
                     leg.dst.shutdown();
                 }
@@ -396,9 +396,18 @@ async fn write_rest<I: Io, P>(leg: &Leg<'_, I, P>, rest: Vec<u8>) -> io::Result<
     }
 }
 
-/// On the way out, tells the destination why, if a frame of ours can still go there.
-async fn farewell<I: Io, P>(leg: &Leg<'_, I, P>, fwd: &Forwarder, end: &PumpEnd) {
+/// On the way out, tells the destination why, if a frame of ours can still go there: stopped in
+/// the middle of a frame, it finishes that frame first.
+async fn farewell<I: Io, P: Pool<Buf = I::Buf>>(
+    leg: &Leg<'_, I, P>,
+    fwd: &mut Forwarder,
+    leftover: &mut Bytes,
+    end: &PumpEnd,
+) {
     let (dir, ctl) = (leg.dir, leg.ctl);
+    if matches!(end, PumpEnd::Stopped) && !fwd.at_frame_boundary() && ctl.farewell(dir).is_some() {
+        finish_frame(leg, fwd, leftover).await;
+    }
     let frame = match end {
         PumpEnd::Gone if dir == Dir::ToClient => {
             // A device side that drops without a Close usually means the agent died, and its
@@ -418,7 +427,7 @@ async fn farewell<I: Io, P>(leg: &Leg<'_, I, P>, fwd: &Forwarder, end: &PumpEnd)
     };
     if let Some(frame) = frame {
         if fwd.at_frame_boundary() && !fwd.closed() {
-            let _ = leg.dst.write_owned(frame.as_bytes().to_vec()).await;
+            let _ = write_rest(leg, frame.as_bytes().to_vec()).await;
         }
     }
 }
@@ -443,12 +452,12 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     let leg = |dir, src, dst| Leg { dir, src, dst, pool, ctl, relay, moved: &moved };
     let to_device = pump(leg(Dir::ToDevice, &client, &device), client_leftover);
     let to_client = pump(leg(Dir::ToClient, &device, &client), device_leftover);
-    let watchdog = watchdog(&moved, ctl, limits, [&client, &device]);
-    tokio::pin!(to_device, to_client, watchdog);
+    let idle = idle_watch(&moved, ctl, Duration::from_secs(limits.idle_timeout_secs));
+    tokio::pin!(to_device, to_client, idle);
     let (first_dir, first) = tokio::select! {
         end = &mut to_device => (Dir::ToDevice, end),
         end = &mut to_client => (Dir::ToClient, end),
-        _ = &mut watchdog => unreachable!("the watchdog never returns"),
+        _ = &mut idle => unreachable!("the idle watch never returns"),
     };
     // The close runs in a boxed future of its own: an idle tunnel's task carries none of its
     // state (the close timer alone is ~100 bytes).
@@ -482,9 +491,11 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
         }
         // After a normal close the other side may keep sending (TCP half-close) until it closes
         // too; only the idle timeout (or a stop) ends a half-closed tunnel early.
+        // Whatever the other pump still does is bounded: its writes by `write_rest`, a frame it
+        // finishes by its own deadline.
         tokio::select! {
             _ = &mut other => {}
-            _ = &mut watchdog => unreachable!("the watchdog never returns"),
+            _ = &mut idle => unreachable!("the idle watch never returns"),
         }
         reason
     })
@@ -495,34 +506,16 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
 }
 
 /// Closes the tunnel with 1001 once no byte moved either way for `idle`; then waits forever.
-/// The tunnel's one timer. Until the tunnel stops, it closes it with 1001 once no byte moved
-/// either way for `limits.idle_timeout_secs`. Once it is told to stop, everything left
-/// (finishing frames in flight, farewells, writes to peers that stopped reading) gets
-/// `limits.close_timeout_secs`; then both sockets are shut down, which completes every pending
-/// operation with an error instead of dropping it. Never returns.
-async fn watchdog<I: Io>(moved: &Moved, ctl: &TunnelCtl, limits: &crate::config::Limits, sides: [&I; 2]) {
-    let idle = Duration::from_secs(limits.idle_timeout_secs);
+/// Closes the tunnel with 1001 once no byte moved either way for `idle`; then waits forever.
+async fn idle_watch(moved: &Moved, ctl: &TunnelCtl, idle: Duration) {
     loop {
         let deadline = moved.last.get() + idle;
         if tokio::time::Instant::now() >= deadline {
             ctl.close_because(CloseCode::GOING_AWAY, &format!("idle for {} s", idle.as_secs()));
-            break;
+            return std::future::pending().await;
         }
-        tokio::select! {
-            biased;
-            _ = ctl.stopped() => break,
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
+        tokio::time::sleep_until(deadline).await;
     }
-    // Boxed: an idle tunnel's task does not carry this second timer.
-    Box::pin(async {
-        tokio::time::sleep(Duration::from_secs(limits.close_timeout_secs)).await;
-        for side in sides {
-            side.shutdown();
-        }
-        std::future::pending::<()>().await
-    })
-    .await
 }
 
 /// Sends a Close to a connection that never got paired, then closes it.
