@@ -220,21 +220,27 @@ pub fn spawn_agent(relay_url: &str, services: &[String]) -> Proc {
     Proc::spawn("agent", &args, false).0
 }
 
-/// A TCP service that writes `chunk`-sized blocks as fast as it can to every connection until
-/// the connection ends.
-pub fn firehose_server(chunk: usize) -> SocketAddr {
+/// A TCP service on 127.0.0.1:0 that runs `serve` on a thread of its own for each connection.
+pub fn tcp_service(serve: impl Fn(TcpStream) + Clone + Send + 'static) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     thread::spawn(move || {
         for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let block = vec![0x5au8; chunk];
-                while s.write_all(&block).is_ok() {}
-            });
+            let Ok(s) = s else { continue };
+            let serve = serve.clone();
+            thread::spawn(move || serve(s));
         }
     });
     addr
+}
+
+/// A TCP service that writes `chunk`-sized blocks as fast as it can to every connection until
+/// the connection ends.
+pub fn firehose_server(chunk: usize) -> SocketAddr {
+    tcp_service(move |mut s| {
+        let block = vec![0x5au8; chunk];
+        while s.write_all(&block).is_ok() {}
+    })
 }
 
 /// A minimal HTTP/1.1 request over a fresh connection: (status, body).
@@ -395,19 +401,11 @@ pub fn read_all_sum(r: &mut impl Read) -> (u64, u64) {
 
 /// A TCP echo server on 127.0.0.1:0, one thread per connection.
 pub fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    addr
+    tcp_service(|mut s| {
+        let mut r = s.try_clone().unwrap();
+        let _ = std::io::copy(&mut r, &mut s);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    })
 }
 
 pub fn temp_path(dir: &Path, name: &str) -> PathBuf {

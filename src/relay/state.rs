@@ -550,9 +550,9 @@ impl Relay {
         };
         let agent =
             Agent { link: Some(link.clone()), services: services.to_vec(), since, generation, down_since: None };
-        let was_online = t.agents.insert(device.to_string(), agent).is_some();
+        let known = t.agents.insert(device.to_string(), agent).is_some();
         for s in t.sessions.values_mut().filter(|s| s.device == device) {
-            if !was_online {
+            if !known {
                 if let Some((_, tx)) = &s.control {
                     let _ = tx.try_send(SessionEvent::DeviceOnline);
                 }
