@@ -422,3 +422,39 @@ fn a_device_side_that_never_arrives_closes_the_client_with_4001_and_paired_tunne
     assert_eq!(http(relay.addr, "DELETE", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None).0, 204);
     assert_eq!(ws_wait_close(&mut ws, Duration::from_secs(10)).0, 4003);
 }
+
+#[test]
+fn a_stalled_audit_log_stalls_no_api_call_or_tunnel_and_says_what_it_dropped() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.pipe");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // A reader that never reads: the pipe (64 KiB) fills, and the relay's writes to it block.
+    let mut reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+    let relay = Relay::start("epoll", &format!("[audit]\npath = \"{}\"\n", fifo.display()));
+    let echo = echo_server();
+    let _agent = relay.agent(&[format!("echo={echo}")]);
+    // Two audit lines per session: past the pipe and the writer's queue of 4,096 lines.
+    for i in 0..2300 {
+        let (id, _, _) = relay.start_session("echo", None);
+        let path = format!("/api/v1/sessions/{id}");
+        assert_eq!(http(relay.addr, "DELETE", &path, Some(OPERATOR_TOKEN), None).0, 204, "session {i}");
+    }
+    let (_, url, token) = relay.start_session("echo", None);
+    let mut ws = ws_connect(&url, &token);
+    ws.send(Message::binary(b"still moving".to_vec())).unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::binary(b"still moving".to_vec()));
+    // The disk comes back: the audit log says how many lines it lost.
+    let mut text = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !String::from_utf8_lossy(&text).contains("audit_lines_dropped") {
+        assert!(Instant::now() < deadline, "the audit log never said it dropped lines");
+        let mut buf = [0u8; 65536];
+        match reader.read(&mut buf) {
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    assert!(relay.proc.stderr().contains("lines dropped"), "{}", relay.proc.stderr());
+}

@@ -54,6 +54,7 @@ impl Running {
         while active() > 0 && Instant::now() < close_until {
             std::thread::sleep(Duration::from_millis(20));
         }
+        relay.audit.close();
         tracing::info!(tunnels = active(), "relay stopped");
     }
 }
