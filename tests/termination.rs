@@ -149,3 +149,33 @@ fn connect_reports_the_session_end_and_exits() {
     let _ = status;
     assert!(connect.stderr().contains("4002"), "{}", connect.stderr());
 }
+
+/// Issue 11's lost close: a session closed after a client connection was admitted but before
+/// its socket reached the data plane must still reach that client as 4003, not as 4001 after
+/// the pairing deadline. The window is short, so the race is run many times.
+#[test]
+fn a_session_closed_while_a_client_connection_is_on_its_way_reaches_it_as_4003() {
+    let relay =
+        Relay::start("epoll", "[limits]\npair_timeout_secs = 30\nkeepalive_secs = 600\nauth_failure_delay_ms = 1\n");
+    // An agent that never dials back: the client sides stay parked until something closes them.
+    let mut mute = ws_connect(&format!("ws://{}/api/v1/agent?device={DEVICE_ID}", relay.addr), DEVICE_KEY);
+    mute.send(tungstenite::Message::text(r#"{"type":"hello","services":["echo"],"version":"mute"}"#)).unwrap();
+    relay.wait_device_online(DEVICE_ID, true);
+    let mut refused = 0;
+    for _ in 0..150 {
+        let (id, url, token) = relay.start_session("echo", None);
+        let client = thread::spawn(move || try_ws_connect(&url, &token));
+        let addr = relay.addr;
+        let path = format!("/api/v1/sessions/{id}");
+        assert_eq!(http(addr, "DELETE", &path, Some(OPERATOR_TOKEN), None).0, 204);
+        match client.join().unwrap() {
+            Ok(mut ws) => {
+                let (code, reason) = ws_wait_close(&mut ws, Duration::from_secs(3));
+                assert_eq!(code, 4003, "{reason}");
+            }
+            Err(_) => refused += 1, // the session was gone before the handshake: 401
+        }
+    }
+    eprintln!("150 races: {refused} refused at the handshake, the rest closed with 4003");
+    drop(mute);
+}

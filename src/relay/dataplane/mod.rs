@@ -263,12 +263,32 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                     }
                 };
                 let mut t = table.borrow_mut();
+                if let Some((_, code, reason)) = t.closed_early.remove(&conn) {
+                    // Its session ended while it was on its way here.
+                    drop(t);
+                    let relay = relay.clone();
+                    tokio::task::spawn_local(async move {
+                        tunnel::refuse(client, code, &reason).await;
+                        relay.conn_ended(&session, conn, ConnEnd::failed(format!("{code} {reason}")));
+                    });
+                    continue;
+                }
                 t.insert(conn, session.clone(), Entry::Pending { client, leftover });
                 t.waiting.push_back((tokio::time::Instant::now(), conn));
             }
             Cmd::Device { conn, stream, leftover } => {
-                let Ok(device) = adopt::<B>(stream) else {
-                    continue;
+                let device = match adopt::<B>(stream) {
+                    Ok(device) => device,
+                    Err(e) => {
+                        // Its client waits for it: answer that one now, not at the deadline.
+                        tracing::warn!(conn, "taking over the device side failed: {e}");
+                        let (table, relay) = (table.clone(), relay.clone());
+                        let reason = format!("the relay could not take over the device side: {e}");
+                        tokio::task::spawn_local(async move {
+                            close_pending::<B>(&table, &relay, conn, CloseCode::SERVICE_UNREACHABLE, &reason).await
+                        });
+                        continue;
+                    }
                 };
                 let pending = matches!(table.borrow().get(conn), Some(Entry::Pending { .. }));
                 if !pending {
@@ -301,10 +321,16 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                 }
             }
             Cmd::Close { conn, code, reason } => {
-                let active = match table.borrow().get(conn) {
-                    Some(Entry::Active(ctl)) => Some(ctl.clone()),
-                    Some(Entry::Pending { .. }) => None,
-                    None => continue,
+                let found = match table.borrow().get(conn) {
+                    Some(Entry::Active(ctl)) => Some(Some(ctl.clone())),
+                    Some(Entry::Pending { .. }) => Some(None),
+                    None => None,
+                };
+                let Some(active) = found else {
+                    // Not here (yet): its client side may still be on its way.
+                    let now = tokio::time::Instant::now();
+                    table.borrow_mut().closed_early.insert(conn, (now, code, reason));
+                    continue;
                 };
                 match active {
                     Some(ctl) => ctl.close_because(code, &reason),
@@ -329,6 +355,8 @@ async fn pair_deadlines<B: Backend>(table: Rc<RefCell<Table<Side<B::Io>>>>, rela
     loop {
         tick.tick().await;
         let now = tokio::time::Instant::now();
+        // Close orders for connections that never arrived (they had ended already) expire.
+        table.borrow_mut().closed_early.retain(|_, (at, _, _)| now.duration_since(*at) < timeout);
         loop {
             let next = {
                 let mut t = table.borrow_mut();

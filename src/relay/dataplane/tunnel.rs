@@ -540,11 +540,20 @@ pub(crate) struct Table<I> {
     /// Parked client connections in arrival order, for the pairing deadline. An entry whose
     /// connection was paired or closed meanwhile is skipped when it comes up.
     pub(crate) waiting: std::collections::VecDeque<(tokio::time::Instant, u64)>,
+    /// Close orders for connections whose client side had not reached this worker yet (the
+    /// session ended between the relay admitting the connection and the hand-off): the client
+    /// side is answered with this code as soon as it arrives. Kept at most a pairing deadline.
+    pub(crate) closed_early: HashMap<u64, (tokio::time::Instant, CloseCode, String)>,
 }
 
 impl<I> Table<I> {
     pub(crate) fn new() -> Table<I> {
-        Table { slots: slab::Slab::new(), by_conn: HashMap::new(), waiting: Default::default() }
+        Table {
+            slots: slab::Slab::new(),
+            by_conn: HashMap::new(),
+            waiting: Default::default(),
+            closed_early: HashMap::new(),
+        }
     }
 
     pub(crate) fn insert(&mut self, conn: u64, session: Arc<str>, entry: Entry<I>) -> usize {
