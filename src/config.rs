@@ -331,6 +331,34 @@ impl Config {
         if l.max_handshakes_per_address == 0 {
             bail!("limits.max_handshakes_per_address must be above 0");
         }
+        if l.session_ttl_secs == 0 || l.session_ttl_secs > l.max_session_ttl_secs {
+            bail!(
+                "limits.session_ttl_secs {} must be 1..=max_session_ttl_secs ({}): otherwise every session request \
+                 without a ttl_secs is refused",
+                l.session_ttl_secs,
+                l.max_session_ttl_secs
+            );
+        }
+        // Durations are added to the clock: an absurd one would overflow it on a request.
+        const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
+        for (key, secs) in [
+            ("session_ttl_secs", l.session_ttl_secs),
+            ("max_session_ttl_secs", l.max_session_ttl_secs),
+            ("client_grace_secs", l.client_grace_secs),
+            ("pair_timeout_secs", l.pair_timeout_secs),
+            ("close_timeout_secs", l.close_timeout_secs),
+            ("attach_timeout_secs", l.attach_timeout_secs),
+            ("handshake_timeout_secs", l.handshake_timeout_secs),
+            ("idle_timeout_secs", l.idle_timeout_secs),
+            ("keepalive_secs", l.keepalive_secs),
+            ("agent_grace_secs", l.agent_grace_secs),
+            ("drain_timeout_secs", l.drain_timeout_secs),
+            ("auth_failure_delay_ms", l.auth_failure_delay_ms / 1000),
+        ] {
+            if secs > TEN_YEARS {
+                bail!("limits.{key} is over ten years");
+            }
+        }
         Ok(())
     }
 
@@ -440,6 +468,18 @@ mod tests {
         }
         let err = format!("{:#}", Config::parse("[[operator]]\nname = \"ops\"\ntoken = 5\n").unwrap_err());
         assert!(err.contains("key `token`"), "{err}");
+    }
+
+    #[test]
+    fn limits_are_checked_against_each_other_and_bounded() {
+        let with = |limits: &str| Config::parse(&format!("{MINIMAL}\n[limits]\n{limits}\n"));
+        let err = format!("{:#}", with("session_ttl_secs = 100\nmax_session_ttl_secs = 50").unwrap_err());
+        assert!(err.contains("session_ttl_secs 100 must be 1..=max_session_ttl_secs (50)"), "{err}");
+        let err = format!("{:#}", with("idle_timeout_secs = 18446744073709551615").unwrap_err());
+        assert!(err.contains("idle_timeout_secs is over ten years"), "{err}");
+        let err = format!("{:#}", with("max_session_ttl_secs = 18446744073709551615").unwrap_err());
+        assert!(err.contains("max_session_ttl_secs is over ten years"), "{err}");
+        assert!(with("session_ttl_secs = 60\nmax_session_ttl_secs = 60").is_ok());
     }
 
     #[test]
