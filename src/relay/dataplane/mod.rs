@@ -77,8 +77,9 @@ pub enum Cmd {
     AgentLink { conn: u64, down: Option<String> },
 }
 
-/// Whether the peer of a TCP socket has closed its side: the connection received a FIN
-/// (CLOSE_WAIT, LAST_ACK, CLOSING) or was reset (CLOSE), per `TCP_INFO`.
+/// Whether the peer of a TCP socket is gone: the connection was reset (CLOSE), per `TCP_INFO`.
+/// A FIN is not enough: a peer that finished sending may still read the tail of the stream
+/// (a normal close ends with the source's FIN while its last bytes are still on their way).
 pub(crate) fn tcp_peer_closed(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     use std::os::fd::AsRawFd;
     // SAFETY: tcp_info is plain old data; an all-zero value is valid.
@@ -96,10 +97,7 @@ pub(crate) fn tcp_peer_closed(fd: std::os::fd::BorrowedFd<'_>) -> bool {
         )
     };
     const CLOSE: u8 = 7;
-    const CLOSE_WAIT: u8 = 8;
-    const LAST_ACK: u8 = 9;
-    const CLOSING: u8 = 11;
-    rc == 0 && matches!(info.tcpi_state, CLOSE | CLOSE_WAIT | LAST_ACK | CLOSING)
+    rc == 0 && info.tcpi_state == CLOSE
 }
 
 /// Socket options every data connection gets: no Nagle delay, and TCP keepalive so that a

@@ -60,8 +60,8 @@ pub(crate) trait Io {
     async fn write_owned(&self, bytes: Vec<u8>) -> io::Result<()>;
     /// Shuts both directions down (ends any peer's wait on us).
     fn shutdown(&self);
-    /// The peer has closed its side of the TCP connection (FIN or reset). Cheap, but a system
-    /// call: asked only while a write is stuck.
+    /// The peer is gone: its TCP connection was reset. Cheap, but a system call: asked only
+    /// while a write is stuck.
     fn peer_closed(&self) -> bool;
 }
 
@@ -364,7 +364,7 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
 }
 
 /// Writes what the destination did not take at once (a frame's tail, a farewell), waiting as
-/// long as it takes — unless the tunnel is stopping or the source hung up meanwhile: then the
+/// long as it takes — unless the tunnel is stopping or the source was reset meanwhile: then the
 /// destination gets `limits.close_timeout_secs` more, and if it has not taken everything by then,
 /// both sockets are shut down (the write fails and the tunnel ends; nothing is dropped while in
 /// flight). So a stopped tunnel never waits longer on a peer that stopped reading, and a client
