@@ -122,6 +122,16 @@ pub enum Claim {
     Held { generation: u64, addr: SocketAddr, probe: mpsc::Sender<oneshot::Sender<()>> },
 }
 
+/// What asks an agent to dial the service and the device endpoint for connection `conn`.
+fn connect_request(session: &str, service: &str, device_token: &Secret, conn: u64) -> ToAgent {
+    ToAgent::Connect {
+        session: session.to_string(),
+        conn,
+        service: service.to_string(),
+        token: device_token.expose().to_string(),
+    }
+}
+
 /// Who is calling the control API.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller<'a> {
@@ -435,13 +445,7 @@ impl Relay {
             }
             Some(Agent { link: None, .. }) => {}
             Some(Agent { link: Some(link), .. }) => {
-                let msg = ToAgent::Connect {
-                    session: s.id.to_string(),
-                    conn: c.conn,
-                    service: s.service.clone(),
-                    token: s.device_token.expose().to_string(),
-                };
-                match link.tx.try_send(msg) {
+                match link.tx.try_send(connect_request(&s.id, &s.service, &s.device_token, c.conn)) {
                     Ok(()) => meta.announced = true,
                     Err(_) => {
                         let reason = format!("the agent of device {} is not reading its control connection", s.device);
@@ -562,12 +566,7 @@ impl Relay {
                     self.send_to_worker(meta.worker, Cmd::AgentLink { conn, down: None });
                 }
                 if !meta.announced {
-                    let msg = ToAgent::Connect {
-                        session: s.id.to_string(),
-                        conn,
-                        service: s.service.clone(),
-                        token: s.device_token.expose().to_string(),
-                    };
+                    let msg = connect_request(&s.id, &s.service, &s.device_token, conn);
                     meta.announced = link.tx.try_send(msg).is_ok();
                 }
             }
