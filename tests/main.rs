@@ -8,6 +8,7 @@ mod control_channels;
 mod e2e;
 mod hardening;
 mod hostile;
+mod in_process;
 mod leaks;
 mod ssh;
 mod termination;

@@ -1,14 +1,19 @@
 //! Arbitrary text as a message on an agent's control channel, against a relay with a live
-//! session for that device. Invariants: no panic; a message is accepted exactly when it parses
-//! as a known agent message, and what parses survives a serialize/parse round trip unchanged.
+//! session and one open client connection on that device. Invariants on what the relay does,
+//! not on the parse itself: no panic; a refusal's words are printable and bounded (they go into
+//! a close reason and the log); whatever the relay orders a worker to do is a close of that one
+//! connection as "service unreachable" (4001), quoting the agent only escaped and bounded; and a
+//! refused message orders nothing.
 #![no_main]
 
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use ringway::config::Config;
-use ringway::proto::{FromAgent, StartSession};
+use ringway::proto::StartSession;
 use ringway::relay::channels::agent_message;
+use ringway::relay::ending::CloseReason;
+use ringway::relay::handoff::{Cmd, Workers};
 use ringway::relay::Relay;
 
 const CONFIG: &str = r#"
@@ -20,26 +25,50 @@ id = "dev-1"
 key = "fuzz-dev-key"
 "#;
 
+struct World {
+    relay: Arc<Relay>,
+    inbox: std::cell::RefCell<tokio::sync::mpsc::UnboundedReceiver<Cmd>>,
+    conn: u64,
+}
+
 thread_local! {
-    static RELAY: (Arc<Relay>, tokio::sync::mpsc::UnboundedReceiver<ringway::relay::dataplane::Cmd>) = {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let relay = Arc::new(Relay::new(Config::parse(CONFIG).unwrap(), vec![tx]).unwrap());
+    static WORLD: World = {
+        let (workers, mut inboxes) = Workers::new(1);
+        let relay = Arc::new(Relay::new(Config::parse(CONFIG).unwrap(), workers).unwrap());
         let start = StartSession { device: "dev-1".into(), service: "ssh".into(), ttl_secs: None };
-        relay.start_session("fuzz", "127.0.0.1:1", start, "relay").unwrap();
-        (relay, rx)
+        let started = relay.registry.start_session("fuzz", "127.0.0.1:1", start, "relay").unwrap();
+        let conn = relay.registry.client_conn(&started.id, &started.client_token, "127.0.0.1:2".parse().unwrap()).unwrap();
+        World { relay, inbox: std::cell::RefCell::new(inboxes.remove(0)), conn: conn.conn }
     };
 }
 
+fn printable_and_bounded(s: &str, max: usize) -> bool {
+    s.chars().count() <= max && !s.chars().any(char::is_control)
+}
+
 fuzz_target!(|text: &str| {
-    RELAY.with(|(relay, _)| {
-        let verdict = agent_message(relay, "dev-1", text);
-        match serde_json::from_str::<FromAgent>(text) {
-            Ok(msg) => {
-                assert!(verdict.is_ok(), "a valid message was refused: {verdict:?}");
-                let again: FromAgent = serde_json::from_str(&serde_json::to_string(&msg).unwrap()).unwrap();
-                assert_eq!(again, msg);
+    WORLD.with(|w| {
+        let verdict = agent_message(&w.relay, "dev-1", text);
+        let mut inbox = w.inbox.borrow_mut();
+        let mut orders = Vec::new();
+        while let Ok(cmd) = inbox.try_recv() {
+            orders.push(cmd);
+        }
+        match verdict {
+            Err(reason) => {
+                assert!(printable_and_bounded(&reason, 140), "refusal not printable or too long: {reason:?}");
+                assert!(orders.is_empty(), "a refused message made the relay act");
             }
-            Err(_) => assert!(verdict.is_err(), "an invalid message was accepted"),
+            Ok(()) => {
+                assert!(orders.len() <= 1, "one message, {} orders", orders.len());
+                for cmd in orders {
+                    let Cmd::Close { conn, reason } = cmd else { panic!("an agent message ordered something other than a close") };
+                    assert_eq!(conn, w.conn, "a close for a connection the agent did not name");
+                    let CloseReason::ServiceUnreachable { ref why, .. } = reason else { panic!("unexpected reason {reason:?}") };
+                    assert!(printable_and_bounded(why, 81), "the agent's words unescaped or unbounded: {why:?}");
+                    assert_eq!(reason.code().0, 4001);
+                }
+            }
         }
     });
 });

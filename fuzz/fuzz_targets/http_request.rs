@@ -10,6 +10,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use ringway::config::Config;
 use ringway::relay::api::serve_connection;
+use ringway::relay::handoff::{Cmd, Workers};
 use ringway::relay::Relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -26,11 +27,11 @@ handshake_timeout_secs = 1
 "#;
 
 thread_local! {
-    static WORLD: (tokio::runtime::Runtime, Arc<Relay>, tokio::sync::mpsc::UnboundedReceiver<ringway::relay::dataplane::Cmd>) = {
+    static WORLD: (tokio::runtime::Runtime, Arc<Relay>, Vec<tokio::sync::mpsc::UnboundedReceiver<Cmd>>) = {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let relay = Arc::new(Relay::new(Config::parse(CONFIG).unwrap(), vec![tx]).unwrap());
-        (rt, relay, rx)
+        let (workers, inboxes) = Workers::new(1);
+        let relay = Arc::new(Relay::new(Config::parse(CONFIG).unwrap(), workers).unwrap());
+        (rt, relay, inboxes)
     };
 }
 

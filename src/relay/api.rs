@@ -15,16 +15,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio_rustls::server::TlsStream as RustlsStream;
-
-type TlsStream = RustlsStream<tokio::net::TcpStream>;
 use serde::Serialize;
 
 use super::admission::Turn;
 use super::audit::Record;
-use super::dataplane::{Cmd, DataSocket};
+use super::ending::CloseReason;
+use super::handoff::{Cmd, ConnEnd, DataSocket, TlsStream};
 use super::metrics::HandshakeFailure;
-use super::state::{Caller, ClientConn, Refusal};
+use super::registry::{Caller, ClientConn, Refusal};
 use super::{channels, Relay};
 use crate::proto::{ApiError, StartSession};
 
@@ -179,7 +177,7 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["healthz"] | ["api", "v1", "healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         (&Method::GET, ["metrics"] | ["api", "v1", "metrics"]) => {
-            let (sessions, agents) = relay.counts();
+            let (sessions, agents) = relay.registry.counts();
             Response::builder()
                 .header(CONTENT_TYPE, "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(relay.metrics.render(sessions, agents))))
@@ -225,7 +223,10 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAdd
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid session request: {e}")),
             };
-            match relay.start_session(&operator, &peer.to_string(), start, &host) {
+            if relay.shutting_down() {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down");
+            }
+            match relay.registry.start_session(&operator, &peer.to_string(), start, &host) {
                 Ok(started) => {
                     tracing::info!(operator, session = started.id, "session started");
                     json(StatusCode::CREATED, &started)
@@ -233,19 +234,19 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAdd
                 Err(r) => refused(&relay, r),
             }
         }
-        (Method::GET, ["sessions"]) => json(StatusCode::OK, &relay.sessions(caller)),
-        (Method::GET, ["sessions", id]) => match relay.session(caller, id) {
+        (Method::GET, ["sessions"]) => json(StatusCode::OK, &relay.registry.sessions(caller)),
+        (Method::GET, ["sessions", id]) => match relay.registry.session(caller, id) {
             Some(info) => json(StatusCode::OK, &info),
             None => error(StatusCode::NOT_FOUND, "no such session"),
         },
         (Method::DELETE, ["sessions", id]) => {
-            if relay.close_session_as(caller, id) {
+            if relay.registry.close_session_as(caller, id) {
                 Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).expect("static response parts")
             } else {
                 error(StatusCode::NOT_FOUND, "no such session")
             }
         }
-        (Method::GET, ["devices"]) => json(StatusCode::OK, &relay.devices()),
+        (Method::GET, ["devices"]) => json(StatusCode::OK, &relay.registry.devices()),
         (_, ["sessions"] | ["sessions", _] | ["devices"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -294,14 +295,14 @@ async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, peer: Sock
 async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Resp {
     let token = bearer(&req).unwrap_or("").to_string();
     let (tx, rx) = tokio::sync::mpsc::channel(SESSION_EVENTS);
-    let (attachment, ready) = match relay.attach_control(&session, &token, tx) {
+    let (attachment, ready) = match relay.registry.attach_control(&session, &token, tx) {
         Ok(x) => x,
         Err(r) => return refused(&relay, r),
     };
     let (resp, fut) = match upgrade(&relay, &mut req) {
         Ok(x) => x,
         Err(resp) => {
-            relay.detach_control(&session, attachment);
+            relay.registry.detach_control(&session, attachment);
             return *resp;
         }
     };
@@ -309,7 +310,7 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
         if let Ok(ws) = fut.await {
             channels::session_control(ws, relay.clone(), ready, rx).await;
         }
-        relay.detach_control(&session, attachment);
+        relay.registry.detach_control(&session, attachment);
     });
     resp
 }
@@ -332,28 +333,29 @@ async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(DataSo
 
 async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Resp {
     let token = bearer(&req).unwrap_or("").to_string();
-    let conn: ClientConn = match relay.client_conn(&session, &token, peer) {
+    let conn: ClientConn = match relay.registry.client_conn(&session, &token, peer) {
         Ok(c) => c,
         Err(r) => return refused(&relay, r),
     };
     let (resp, fut) = match upgrade(&relay, &mut req) {
         Ok(x) => x,
         Err(resp) => {
-            relay.conn_ended(&conn.session, conn.conn, Default::default());
+            let end = ConnEnd::before_forwarding(CloseReason::Abandoned("not a valid WebSocket upgrade".into()));
+            relay.registry.conn_ended(&conn.session, conn.conn, end);
             return *resp;
         }
     };
     tokio::task::spawn_local(async move {
         let Some((stream, leftover)) = take_socket(fut).await else {
-            relay.conn_ended(&conn.session, conn.conn, Default::default());
+            let end = ConnEnd::before_forwarding(CloseReason::Abandoned("the upgrade did not complete".into()));
+            relay.registry.conn_ended(&conn.session, conn.conn, end);
             return;
         };
         tracing::debug!(session = %conn.session, conn = conn.conn, %peer, "client connection");
-        relay.send_to_worker(
-            conn.worker,
-            Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover },
-        );
-        relay.announce_conn(&conn);
+        relay
+            .workers
+            .send(conn.worker, Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover });
+        relay.registry.announce_conn(&conn);
     });
     resp
 }
@@ -364,7 +366,7 @@ async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
         relay.metrics.handshake_failed(HandshakeFailure::Malformed);
         return error(StatusCode::BAD_REQUEST, "missing ?conn=N");
     };
-    let worker = match relay.device_conn(&session, conn, &token) {
+    let worker = match relay.registry.device_conn(&session, conn, &token) {
         Ok(w) => w,
         Err(r) => return refused(&relay, r),
     };
@@ -374,7 +376,7 @@ async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
     };
     tokio::task::spawn_local(async move {
         if let Some((stream, leftover)) = take_socket(fut).await {
-            relay.send_to_worker(worker, Cmd::Device { conn, stream, leftover });
+            relay.workers.send(worker, Cmd::Device { conn, stream, leftover });
         }
     });
     resp

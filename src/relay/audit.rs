@@ -52,6 +52,7 @@ pub enum Record<'a> {
         bytes_to_device: u64,
         bytes_to_client: u64,
         duration_ms: u64,
+        code: u16,
         reason: &'a str,
     },
 }

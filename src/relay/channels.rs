@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::state::{AgentLink, Claim};
+use super::ending::CloseReason;
+use super::registry::{AgentLink, Claim};
 use super::Relay;
 use crate::channel::{self, Channel, Incoming, Outgoing};
 use crate::peer::Ws;
@@ -43,6 +44,11 @@ fn open(ws: Ws, relay: &Relay) -> Channel {
     )
 }
 
+/// A Close rendered from its reason.
+fn close(reason: CloseReason) -> Outgoing {
+    Outgoing::Close(reason.code().0, reason.to_string())
+}
+
 fn keepalive(relay: &Relay) -> Duration {
     Duration::from_secs(relay.config.limits.keepalive_secs)
 }
@@ -69,16 +75,15 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
     let (probe_tx, mut probes) = mpsc::channel::<oneshot::Sender<()>>(8);
     let link = AgentLink { tx: to_agent, probe: probe_tx, addr };
     let generation = loop {
-        match relay.agent_claim(&device, &services, &link) {
+        match relay.registry.agent_claim(&device, &services, &link) {
             Claim::Granted(g) => break g,
             Claim::Held { generation, addr: holder, probe } => {
                 if alive(&probe, keepalive(&relay).min(Duration::from_secs(5))).await {
                     relay.agent_refused(&device, addr, holder);
-                    let reason = format!("device {device} is connected through another agent (at {holder})");
-                    let _ = ch.send(Outgoing::Close(CloseCode::DEVICE_CONFLICT.0, reason));
+                    let _ = ch.send(close(CloseReason::DeviceConflict(holder.to_string())));
                     return;
                 }
-                if let Some(g) = relay.agent_take_over(&device, generation, &services, &link) {
+                if let Some(g) = relay.registry.agent_take_over(&device, generation, &services, &link) {
                     break g;
                 }
             }
@@ -103,8 +108,7 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
                     }
                 }
                 None => {
-                    let reason = "replaced by a newer agent connection for this device".to_string();
-                    let _ = ch.send(Outgoing::Close(CloseCode::DEVICE_CONFLICT.0, reason));
+                    let _ = ch.send(close(CloseReason::AgentReplaced));
                     break;
                 }
             },
@@ -147,7 +151,7 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
             }
         }
     }
-    relay.agent_down(&device, generation);
+    relay.registry.agent_down(&device, generation);
 }
 
 /// Waits for the agent's hello; closes the channel with 1002 and returns `None` on anything else.
@@ -208,7 +212,7 @@ async fn alive(probe: &mpsc::Sender<oneshot::Sender<()>>, within: Duration) -> b
 pub fn agent_message(relay: &Relay, device: &str, text: &str) -> Result<(), String> {
     match serde_json::from_str::<FromAgent>(text) {
         Ok(FromAgent::ConnectFailed { session, conn, reason }) => {
-            relay.connect_failed(device, &session, conn, &reason);
+            relay.registry.connect_failed(device, &session, conn, &reason);
             Ok(())
         }
         Ok(FromAgent::Hello { .. }) => Ok(()),

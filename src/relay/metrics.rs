@@ -60,11 +60,23 @@ pub struct Metrics {
     pub agent_refusals: AtomicU64,
     pub control_dropped: AtomicU64,
     handshake_failures: [AtomicU64; 8],
+    /// Data connections ended, by close code ([`ENDS_BY_CODE`], then one slot for any other).
+    ends_by_code: [AtomicU64; ENDS_BY_CODE.len() + 1],
 }
+
+/// The close codes a data connection's end is counted under (see `relay::ending`).
+const ENDS_BY_CODE: [u16; 12] = [1000, 1001, 1002, 1006, 1007, 1008, 1009, 4001, 4002, 4003, 4004, 4005];
 
 impl Metrics {
     pub fn handshake_failed(&self, why: HandshakeFailure) {
         self.handshake_failures[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A data connection ended with `code` (its `CloseReason`'s).
+    pub fn connection_ended(&self, code: crate::ws::CloseCode) {
+        self.connections_closed.fetch_add(1, Relaxed);
+        let slot = ENDS_BY_CODE.iter().position(|&c| c == code.0).unwrap_or(ENDS_BY_CODE.len());
+        self.ends_by_code[slot].fetch_add(1, Relaxed);
     }
 
     /// Prometheus text exposition; `gauges` are the values only the session table knows.
@@ -138,6 +150,12 @@ impl Metrics {
         for why in HandshakeFailure::ALL {
             let v = self.handshake_failures[why as usize].load(Relaxed);
             let _ = writeln!(out, "ringway_handshake_failures_total{{reason=\"{}\"}} {v}", why.label());
+        }
+        let _ = writeln!(out, "# HELP ringway_connection_ends_total Data connections ended, by close code.");
+        let _ = writeln!(out, "# TYPE ringway_connection_ends_total counter");
+        for (slot, count) in self.ends_by_code.iter().enumerate() {
+            let code = ENDS_BY_CODE.get(slot).map_or("other".to_string(), |c| c.to_string());
+            let _ = writeln!(out, "ringway_connection_ends_total{{code=\"{code}\"}} {}", count.load(Relaxed));
         }
         out
     }

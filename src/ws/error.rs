@@ -11,6 +11,8 @@ impl CloseCode {
     pub const GOING_AWAY: CloseCode = CloseCode(1001);
     pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
     pub const UNSUPPORTED_DATA: CloseCode = CloseCode(1003);
+    /// Never sent: what the audit log records for a connection that got no Close at all.
+    pub const ABNORMAL: CloseCode = CloseCode(1006);
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);

@@ -7,6 +7,12 @@
 //! load benchmark); `--backend uring` selects io_uring, and [`probe`] refuses it where this
 //! process cannot create a ring (Docker's default seccomp profile, old kernels).
 //!
+//! What it may know of the rest of the relay is narrow: the codec, the hand-off
+//! ([`crate::relay::handoff`]: sockets and orders in, connection ends out), how a connection
+//! ends ([`crate::relay::ending`]), and an [`Env`] of limits and counters. It never imports the
+//! control API or the session registry, and it does not start the HTTP server: the bootstrap
+//! (`server`) passes that in as the `control_plane` of [`run_worker`].
+//!
 //! Both sockets of a connection live on one worker: the control plane hands every upgraded
 //! socket (with the bytes hyper read past the request) to the owner worker as a [`Cmd`].
 
@@ -22,13 +28,45 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::relay::state::ConnEnd;
-use crate::relay::Relay;
-use crate::ws::CloseCode;
+use crate::config::DataPlane;
+use crate::relay::ending::CloseReason;
+use crate::relay::handoff::{Cmd, ConnEnd, ConnEnds, DataSocket};
+use crate::relay::metrics::Metrics;
 use tunnel::{Entry, Table, TunnelCtl};
+
+/// The limits a worker's tunnels keep.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelLimits {
+    /// The largest frame a peer may send (`limits.max_frame_bytes`).
+    pub max_frame_bytes: u64,
+    /// How long a stopping tunnel gives a frame in flight and its Close (`limits.close_timeout_secs`).
+    pub close_timeout: Duration,
+    /// A tunnel where no byte moved for this long is closed (`limits.idle_timeout_secs`).
+    pub idle_timeout: Duration,
+    /// How long a client side waits for its device side (`limits.pair_timeout_secs`).
+    pub pair_timeout: Duration,
+}
+
+impl TunnelLimits {
+    pub fn of(limits: &crate::config::Limits) -> TunnelLimits {
+        TunnelLimits {
+            max_frame_bytes: limits.max_frame_bytes,
+            close_timeout: Duration::from_secs(limits.close_timeout_secs),
+            idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
+            pair_timeout: Duration::from_secs(limits.pair_timeout_secs),
+        }
+    }
+}
+
+/// What a worker's tunnels know of the relay: limits, counters, and where ends are reported.
+#[derive(Clone)]
+pub struct Env {
+    pub limits: TunnelLimits,
+    pub metrics: Arc<Metrics>,
+    pub ends: Arc<dyn ConnEnds>,
+}
 
 /// Which forwarding engine the workers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,27 +92,6 @@ pub fn probe(kind: BackendKind) -> io::Result<()> {
         BackendKind::Uring => uring::probe(),
         BackendKind::Epoll => Ok(()),
     }
-}
-
-/// An upgraded data connection as it leaves hyper.
-pub enum DataSocket {
-    /// Plain TCP, taken off the accepting runtime's reactor.
-    Plain(std::net::TcpStream),
-    /// TLS terminated by the relay; stays on the reactor that accepted it.
-    Tls(Box<tls::TlsStream>),
-}
-
-/// What the control plane hands a worker.
-pub enum Cmd {
-    /// A client data connection upgraded; park it until its device side arrives.
-    Client { conn: u64, session: Arc<str>, stream: DataSocket, leftover: Bytes },
-    /// The device side of `conn` upgraded; pair it and start forwarding.
-    Device { conn: u64, stream: DataSocket, leftover: Bytes },
-    /// End `conn` with this close code on both sides.
-    Close { conn: u64, code: CloseCode, reason: String },
-    /// The agent of `conn`'s device left its control connection (`Some(reason)`: if the device
-    /// side drops now, the client hears 4004 with this reason) or came back (`None`).
-    AgentLink { conn: u64, down: Option<String> },
 }
 
 /// Whether the peer of a TCP socket is gone: the connection was reset (CLOSE), per `TCP_INFO`.
@@ -199,16 +216,17 @@ pub(crate) trait Backend: 'static {
     fn adopt(stream: std::net::TcpStream) -> io::Result<Self::Io>;
 }
 
-/// Runs worker thread `index` until the process ends: its runtime, the control plane's accept
-/// loop on `listener`, and the data-plane loop fed by `rx`.
+/// Runs a worker thread until `halt` resolves: its runtime, whatever `control_plane` spawns on
+/// it (the bootstrap passes the HTTP accept loop), and the data-plane loop fed by `rx`. What is
+/// still running when `halt` resolves is dropped with the runtime.
 pub fn run_worker(
     kind: BackendKind,
-    index: usize,
-    listener: std::net::TcpListener,
+    dp: &DataPlane,
+    env: Env,
     rx: mpsc::UnboundedReceiver<Cmd>,
-    relay: Arc<Relay>,
+    control_plane: impl FnOnce() -> anyhow::Result<()>,
+    halt: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let dp = relay.config.dataplane.clone();
     match kind {
         BackendKind::Uring => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -218,8 +236,14 @@ pub fn run_worker(
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let (pool, driver) = uring::Driver::install(dp.buffers, dp.buffer_size)?;
+                env.metrics.buffers_total.fetch_add(pool.count() as u64, Relaxed);
                 tokio::task::spawn_local(driver);
-                thread_main::<uring::Uring>(index, pool, listener, rx, relay).await
+                control_plane()?;
+                tokio::select! {
+                    _ = worker_loop::<uring::Uring>(pool, rx, env) => {}
+                    _ = halt => {}
+                }
+                Ok(())
             })
         }
         BackendKind::Epoll => {
@@ -227,47 +251,40 @@ pub fn run_worker(
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let pool = Rc::new(epoll::EpollPool::new(dp.buffers, dp.buffer_size));
-                thread_main::<epoll::Epoll>(index, pool, listener, rx, relay).await
+                env.metrics.buffers_total.fetch_add(dp.buffers as u64, Relaxed);
+                control_plane()?;
+                tokio::select! {
+                    _ = worker_loop::<epoll::Epoll>(pool, rx, env) => {}
+                    _ = halt => {}
+                }
+                Ok(())
             })
         }
     }
 }
 
-async fn thread_main<B: Backend>(
-    index: usize,
-    pool: Rc<B::Pool>,
-    listener: std::net::TcpListener,
-    rx: mpsc::UnboundedReceiver<Cmd>,
-    relay: Arc<Relay>,
-) -> anyhow::Result<()> {
-    relay.metrics.buffers_total.fetch_add(relay.config.dataplane.buffers as u64, Relaxed);
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    tokio::task::spawn_local(crate::relay::api::accept_loop(listener, relay.clone(), index));
-    worker_loop::<B>(pool, rx, relay).await;
-    Ok(())
-}
-
-async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedReceiver<Cmd>, relay: Arc<Relay>) {
+async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedReceiver<Cmd>, env: Env) {
     let table: Rc<RefCell<Table<Side<B::Io>>>> = Rc::new(RefCell::new(Table::new()));
-    tokio::task::spawn_local(pair_deadlines::<B>(table.clone(), relay.clone()));
+    tokio::task::spawn_local(pair_deadlines::<B>(table.clone(), env.clone()));
     while let Some(cmd) = rx.recv().await {
         match cmd {
             Cmd::Client { conn, session, stream, leftover } => {
                 let client = match adopt::<B>(stream) {
                     Ok(io) => io,
                     Err(e) => {
-                        relay.conn_ended(&session, conn, ConnEnd::failed(format!("adopting client socket: {e}")));
+                        let reason = CloseReason::Abandoned(format!("adopting the client socket: {e}"));
+                        env.ends.conn_ended(&session, conn, ConnEnd::before_forwarding(reason));
                         continue;
                     }
                 };
                 let mut t = table.borrow_mut();
-                if let Some((_, code, reason)) = t.closed_early.remove(&conn) {
+                if let Some((_, reason)) = t.closed_early.remove(&conn) {
                     // Its session ended while it was on its way here.
                     drop(t);
-                    let relay = relay.clone();
+                    let env = env.clone();
                     tokio::task::spawn_local(async move {
-                        tunnel::refuse(client, code, &reason).await;
-                        relay.conn_ended(&session, conn, ConnEnd::failed(format!("{code} {reason}")));
+                        tunnel::refuse(client, &reason).await;
+                        env.ends.conn_ended(&session, conn, ConnEnd::before_forwarding(reason));
                     });
                     continue;
                 }
@@ -280,21 +297,15 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                     Err(e) => {
                         // Its client waits for it: answer that one now, not at the deadline.
                         tracing::warn!(conn, "taking over the device side failed: {e}");
-                        let (table, relay) = (table.clone(), relay.clone());
-                        let reason = format!("the relay could not take over the device side: {e}");
-                        tokio::task::spawn_local(async move {
-                            close_pending::<B>(&table, &relay, conn, CloseCode::SERVICE_UNREACHABLE, &reason).await
-                        });
+                        let (table, env) = (table.clone(), env.clone());
+                        let reason = CloseReason::AdoptFailed(e.to_string());
+                        tokio::task::spawn_local(async move { close_pending::<B>(&table, &env, conn, reason).await });
                         continue;
                     }
                 };
                 let pending = matches!(table.borrow().get(conn), Some(Entry::Pending { .. }));
                 if !pending {
-                    tokio::task::spawn_local(tunnel::refuse(
-                        device,
-                        CloseCode::POLICY_VIOLATION,
-                        "no connection waits for this device side",
-                    ));
+                    tokio::task::spawn_local(async move { tunnel::refuse(device, &CloseReason::NotAwaited).await });
                     continue;
                 }
                 let Some((session, Entry::Pending { client, leftover: client_leftover })) =
@@ -304,21 +315,21 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                 };
                 let ctl = Rc::new(TunnelCtl::new());
                 table.borrow_mut().insert(conn, session.clone(), Entry::Active(ctl.clone()));
-                let (table, relay, pool) = (table.clone(), relay.clone(), pool.clone());
+                let (table, env, pool) = (table.clone(), env.clone(), pool.clone());
                 tokio::task::spawn_local(async move {
-                    relay.metrics.tunnels_active.fetch_add(1, Relaxed);
-                    let end = tunnel::run_tunnel(client, client_leftover, device, leftover, &*pool, &ctl, &relay).await;
-                    relay.metrics.tunnels_active.fetch_sub(1, Relaxed);
+                    env.metrics.tunnels_active.fetch_add(1, Relaxed);
+                    let end = tunnel::run_tunnel(client, client_leftover, device, leftover, &*pool, &ctl, &env).await;
+                    env.metrics.tunnels_active.fetch_sub(1, Relaxed);
                     table.borrow_mut().remove(conn);
-                    relay.conn_ended(&session, conn, end);
+                    env.ends.conn_ended(&session, conn, end);
                 });
             }
             Cmd::AgentLink { conn, down } => {
                 if let Some(Entry::Active(ctl)) = table.borrow().get(conn) {
-                    ctl.agent_link(down.as_deref());
+                    ctl.agent_link(down);
                 }
             }
-            Cmd::Close { conn, code, reason } => {
+            Cmd::Close { conn, reason } => {
                 let found = match table.borrow().get(conn) {
                     Some(Entry::Active(ctl)) => Some(Some(ctl.clone())),
                     Some(Entry::Pending { .. }) => Some(None),
@@ -327,16 +338,14 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                 let Some(active) = found else {
                     // Not here (yet): its client side may still be on its way.
                     let now = tokio::time::Instant::now();
-                    table.borrow_mut().closed_early.insert(conn, (now, code, reason));
+                    table.borrow_mut().closed_early.insert(conn, (now, reason));
                     continue;
                 };
                 match active {
-                    Some(ctl) => ctl.close_because(code, &reason),
+                    Some(ctl) => ctl.close_because(reason),
                     None => {
-                        let (table, relay) = (table.clone(), relay.clone());
-                        tokio::task::spawn_local(async move {
-                            close_pending::<B>(&table, &relay, conn, code, &reason).await
-                        });
+                        let (table, env) = (table.clone(), env.clone());
+                        tokio::task::spawn_local(async move { close_pending::<B>(&table, &env, conn, reason).await });
                     }
                 }
             }
@@ -347,14 +356,14 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
 /// Closes client connections whose device side did not arrive within `limits.pair_timeout_secs`.
 /// One sweep per worker over the parked connections in arrival order, rather than a timer per
 /// connection.
-async fn pair_deadlines<B: Backend>(table: Rc<RefCell<Table<Side<B::Io>>>>, relay: Arc<Relay>) {
-    let timeout = Duration::from_secs(relay.config.limits.pair_timeout_secs);
+async fn pair_deadlines<B: Backend>(table: Rc<RefCell<Table<Side<B::Io>>>>, env: Env) {
+    let timeout = env.limits.pair_timeout;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
         let now = tokio::time::Instant::now();
         // Close orders for connections that never arrived (they had ended already) expire.
-        table.borrow_mut().closed_early.retain(|_, (at, _, _)| now.duration_since(*at) < timeout);
+        table.borrow_mut().closed_early.retain(|_, (at, _)| now.duration_since(*at) < timeout);
         loop {
             let next = {
                 let mut t = table.borrow_mut();
@@ -367,19 +376,12 @@ async fn pair_deadlines<B: Backend>(table: Rc<RefCell<Table<Side<B::Io>>>>, rela
                 }
             };
             let Some(conn) = next else { break };
-            let reason = "device did not open the connection in time";
-            close_pending::<B>(&table, &relay, conn, CloseCode::SERVICE_UNREACHABLE, reason).await;
+            close_pending::<B>(&table, &env, conn, CloseReason::PairTimeout).await;
         }
     }
 }
 
-async fn close_pending<B: Backend>(
-    table: &RefCell<Table<Side<B::Io>>>,
-    relay: &Relay,
-    conn: u64,
-    code: CloseCode,
-    reason: &str,
-) {
+async fn close_pending<B: Backend>(table: &RefCell<Table<Side<B::Io>>>, env: &Env, conn: u64, reason: CloseReason) {
     // Only a parked connection: a paired one is closed through its TunnelCtl.
     let removed = {
         let mut t = table.borrow_mut();
@@ -389,7 +391,7 @@ async fn close_pending<B: Backend>(
         }
     };
     if let Some((session, Entry::Pending { client, .. })) = removed {
-        tunnel::refuse(client, code, reason).await;
-        relay.conn_ended(&session, conn, ConnEnd::failed(format!("{code} {reason}")));
+        tunnel::refuse(client, &reason).await;
+        env.ends.conn_ended(&session, conn, ConnEnd::before_forwarding(reason));
     }
 }

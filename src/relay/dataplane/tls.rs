@@ -14,9 +14,8 @@ use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::tunnel::Io;
+use crate::relay::handoff::TlsStream;
 use crate::ws::HEADROOM;
-
-pub type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 /// One TLS data connection; `B` is the worker pool's buffer type.
 pub(crate) struct TlsIo<B> {

@@ -20,10 +20,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::relay::state::ConnEnd;
-use crate::relay::Relay;
-use crate::ws::encode::{self, ControlFrame};
-use crate::ws::{CloseCode, Event, Forwarder, FrameError, HEADROOM};
+use super::Env;
+use crate::relay::ending::{CloseReason, Ending, Goodbye, PumpEnd, Side};
+use crate::relay::handoff::ConnEnd;
+use crate::ws::{Event, Forwarder, HEADROOM};
 
 /// A buffer pool that hands buffers out first come, first served.
 pub(crate) trait Pool {
@@ -79,57 +79,37 @@ pub(crate) enum Dir {
 }
 
 impl Dir {
-    fn source(self) -> &'static str {
+    fn source(self) -> Side {
         match self {
-            Dir::ToDevice => "client",
-            Dir::ToClient => "device",
+            Dir::ToDevice => Side::Client,
+            Dir::ToClient => Side::Device,
         }
+    }
+
+    fn dest(self) -> Side {
+        self.source().other()
     }
 }
 
-/// How one pump ended.
-#[derive(Debug)]
-pub(crate) enum PumpEnd {
-    /// The source's Close frame was forwarded: a normal close, the other side answers.
-    Closed,
-    /// The source went away without a Close (EOF or socket error).
-    Gone,
-    /// The source broke the framing rules.
-    Violation(FrameError),
-    /// The tunnel told it to stop.
-    Stopped,
-}
-
-/// Shared by a tunnel's two pumps and whoever may close it from outside.
+/// Shared by a tunnel's two pumps and whoever may close it from outside: the tunnel's
+/// [`Ending`] (what decides the Close each side gets) and the signal that wakes the pumps.
 pub(crate) struct TunnelCtl {
     /// Set once; both pumps race their readiness and buffer waits against it (`stopped`).
     stopping: Cell<bool>,
-    /// Wakes whoever waits in `stopped` when `stopping` is set.
+    /// Wakes whoever waits in `stopped` when `stopping` is set or the agent's state changes.
     wake: Notify,
-    /// The Close frame each pump writes to its destination on its way out (index: [`Dir`]);
-    /// boxed so an idle tunnel does not carry two empty 127-byte frames.
-    farewell: RefCell<[Option<Box<ControlFrame>>; 2]>,
-    /// Why the relay stopped the tunnel, for the audit log.
-    why: RefCell<Option<String>>,
-    /// Set while the device's agent is off its control connection: the Close the client gets if
-    /// the device side then drops (4004, the device is gone) instead of a bare 1001.
-    agent_gone: RefCell<Option<Box<ControlFrame>>>,
+    /// Decides what each side hears when the tunnel ends, and why it ended.
+    ending: RefCell<Ending>,
 }
 
 impl TunnelCtl {
     pub(crate) fn new() -> TunnelCtl {
-        TunnelCtl {
-            stopping: Cell::new(false),
-            wake: Notify::new(),
-            farewell: RefCell::new([None, None]),
-            why: RefCell::new(None),
-            agent_gone: RefCell::new(None),
-        }
+        TunnelCtl { stopping: Cell::new(false), wake: Notify::new(), ending: RefCell::new(Ending::default()) }
     }
 
-    /// The device's agent left its control connection (`Some(reason)`) or came back (`None`).
-    pub(crate) fn agent_link(&self, down: Option<&str>) {
-        *self.agent_gone.borrow_mut() = down.map(|reason| Box::new(encode::close(CloseCode::DEVICE_OFFLINE, reason)));
+    /// The device's agent left its control connection (`Some(device)`) or came back (`None`).
+    pub(crate) fn agent_link(&self, down: Option<String>) {
+        self.ending.borrow_mut().agent_link(down);
         self.wake.notify_waiters();
     }
 
@@ -139,36 +119,23 @@ impl TunnelCtl {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.stopping.get() || self.agent_gone.borrow().is_some() {
+            if self.stopping.get() || self.ending.borrow().agent_gone() {
                 return;
             }
             notified.await;
         }
     }
 
-    /// Asks both pumps to stop, each first sending its farewell frame if it has one (the first
-    /// stop's farewells win).
-    pub(crate) fn stop(&self, to_device: Option<ControlFrame>, to_client: Option<ControlFrame>) {
-        let mut f = self.farewell.borrow_mut();
-        if f[0].is_none() {
-            f[0] = to_device.map(Box::new);
-        }
-        if f[1].is_none() {
-            f[1] = to_client.map(Box::new);
-        }
+    /// Stops both pumps; each says goodbye as the tunnel's [`Ending`] decides.
+    fn stop(&self) {
         self.stopping.set(true);
         self.wake.notify_waiters();
     }
 
-    fn farewell(&self, dir: Dir) -> Option<ControlFrame> {
-        self.farewell.borrow()[dir as usize].as_deref().copied()
-    }
-
-    /// Closes both sides with the same code and reason.
-    pub(crate) fn close_because(&self, code: CloseCode, reason: &str) {
-        self.why.borrow_mut().get_or_insert_with(|| format!("{code} {reason}"));
-        let frame = encode::close(code, reason);
-        self.stop(Some(frame), Some(frame));
+    /// The relay closes the tunnel: both sides hear `reason` (the first order wins).
+    pub(crate) fn close_because(&self, reason: CloseReason) {
+        self.ending.borrow_mut().order(reason);
+        self.stop();
     }
 
     /// Resolves once the tunnel is told to stop. Cancel-safe.
@@ -205,7 +172,7 @@ struct Leg<'a, I, P> {
     dst: &'a I,
     pool: &'a P,
     ctl: &'a TunnelCtl,
-    relay: &'a Relay,
+    env: &'a Env,
     moved: &'a Moved,
 }
 
@@ -214,7 +181,7 @@ struct Leg<'a, I, P> {
 /// Only the wait for readiness lives in this future; each read→forward→write cycle and the
 /// farewell run in a boxed future of their own, so an idle tunnel carries none of their state.
 async fn pump<I: Io, P: Pool<Buf = I::Buf>>(leg: Leg<'_, I, P>, mut leftover: Bytes) -> PumpEnd {
-    let mut fwd = Forwarder::new(leg.relay.config.limits.max_frame_bytes);
+    let mut fwd = Forwarder::new(leg.env.limits.max_frame_bytes);
     let end = loop {
         let ready = if leftover.is_empty() {
             tokio::select! {
@@ -242,7 +209,7 @@ async fn pump<I: Io, P: Pool<Buf = I::Buf>>(leg: Leg<'_, I, P>, mut leftover: By
 /// relay never makes up bytes, so that destination then gets no Close (its client still learns
 /// why on the session control connection).
 async fn finish_frame<I: Io, P: Pool<Buf = I::Buf>>(leg: &Leg<'_, I, P>, fwd: &mut Forwarder, leftover: &mut Bytes) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(leg.relay.config.limits.close_timeout_secs);
+    let deadline = tokio::time::Instant::now() + leg.env.limits.close_timeout;
     while !fwd.at_frame_boundary() {
         let ready = if leftover.is_empty() {
             tokio::select! {
@@ -275,7 +242,7 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
     leftover: &mut Bytes,
     finishing: Option<tokio::time::Instant>,
 ) -> Option<PumpEnd> {
-    let Leg { dir, src, dst, pool, ctl, relay, moved } = *leg;
+    let Leg { dir, src, dst, pool, ctl, env, moved } = *leg;
     let mut buf = match ready.as_mut().and_then(I::held) {
         Some(buf) => buf,
         None => match finishing {
@@ -291,7 +258,7 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
             },
         },
     };
-    relay.metrics.buffers_in_use.fetch_add(1, Relaxed);
+    env.metrics.buffers_in_use.fetch_add(1, Relaxed);
     let cap = buf.len() - HEADROOM;
     // From here on the buffer is in flight: every operation is awaited to completion.
     let (read, b) = match ready {
@@ -305,11 +272,11 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
     buf = b;
     let n = match read {
         Ok(Some(0)) | Err(_) => {
-            release(pool, relay, buf);
+            release(pool, env, buf);
             return Some(PumpEnd::Gone);
         }
         Ok(None) => {
-            release(pool, relay, buf);
+            release(pool, env, buf);
             return None;
         }
         Ok(Some(n)) => n,
@@ -339,26 +306,26 @@ async fn cycle<'a, I: Io, P: Pool<Buf = I::Buf>>(
                 Vec::new()
             }
         };
-        release(pool, relay, buf);
+        release(pool, env, buf);
         failed = failed || write_rest(leg, rest).await.is_err();
         if !failed {
             let counter = match dir {
-                Dir::ToDevice => &relay.metrics.bytes_to_device,
-                Dir::ToClient => &relay.metrics.bytes_to_client,
+                Dir::ToDevice => &env.metrics.bytes_to_device,
+                Dir::ToClient => &env.metrics.bytes_to_client,
             };
             counter.fetch_add(len as u64, Relaxed);
             moved.bytes[dir as usize].set(moved.bytes[dir as usize].get() + len as u64);
             moved.last.set(tokio::time::Instant::now());
         }
     } else {
-        release(pool, relay, buf);
+        release(pool, env, buf);
     }
     if let Some(e) = violation {
         return Some(PumpEnd::Violation(e));
     }
     if failed {
         // The destination is gone; the other pump will see it too.
-        return Some(PumpEnd::Stopped);
+        return Some(PumpEnd::DestinationGone);
     }
     fwd.closed().then_some(PumpEnd::Closed)
 }
@@ -378,7 +345,7 @@ async fn write_rest<I: Io, P>(leg: &Leg<'_, I, P>, rest: Vec<u8>) -> io::Result<
     }
     let write = leg.dst.write_owned(rest);
     tokio::pin!(write);
-    let close_wait = Duration::from_secs(leg.relay.config.limits.close_timeout_secs);
+    let close_wait = leg.env.limits.close_timeout;
     let mut giving_up_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
@@ -396,45 +363,36 @@ async fn write_rest<I: Io, P>(leg: &Leg<'_, I, P>, rest: Vec<u8>) -> io::Result<
     }
 }
 
-/// On the way out, tells the destination why, if a frame of ours can still go there: stopped in
-/// the middle of a frame, it finishes that frame first.
+/// On the way out, tells the destination why, as the tunnel's [`Ending`] decides: stopped in the
+/// middle of a frame, it finishes that frame first (if a Close is to follow it).
 async fn farewell<I: Io, P: Pool<Buf = I::Buf>>(
     leg: &Leg<'_, I, P>,
     fwd: &mut Forwarder,
     leftover: &mut Bytes,
     end: &PumpEnd,
 ) {
-    let (dir, ctl) = (leg.dir, leg.ctl);
-    if matches!(end, PumpEnd::Stopped) && !fwd.at_frame_boundary() && ctl.farewell(dir).is_some() {
+    let (to, ctl) = (leg.dir.dest(), leg.ctl);
+    if matches!(end, PumpEnd::Stopped) && !fwd.at_frame_boundary() && ctl.ending.borrow().finish_frame_for(to) {
         finish_frame(leg, fwd, leftover).await;
     }
-    let frame = match end {
-        PumpEnd::Gone if dir == Dir::ToClient => {
-            // A device side that drops without a Close usually means the agent died, and its
-            // control connection is about to report it: give that a moment, so the client
-            // hears 4004 (device offline) rather than a bare 1001.
-            let _ = tokio::time::timeout(AGENT_LOSS_GRACE, ctl.stopped_or_agent_gone()).await;
-            ctl.farewell(dir)
-                .or_else(|| ctl.agent_gone.borrow().as_deref().copied())
-                .or(Some(encode::close(CloseCode::GOING_AWAY, "device disconnected")))
-        }
-        PumpEnd::Gone => Some(encode::close(CloseCode::GOING_AWAY, &format!("{} disconnected", dir.source()))),
-        PumpEnd::Violation(e) => {
-            Some(encode::close(CloseCode::GOING_AWAY, &format!("{} broke the protocol: {e}", dir.source())))
-        }
-        PumpEnd::Stopped => ctl.farewell(dir),
-        PumpEnd::Closed => None,
-    };
-    if let Some(frame) = frame {
+    let mut goodbye = ctl.ending.borrow().goodbye(to, *end, false);
+    if goodbye == Goodbye::AwaitAgent {
+        // A device side that drops without a Close usually means the agent died, and its
+        // control connection is about to report it: give that a moment, so the client hears
+        // 4004 (device offline) rather than a bare 1001.
+        let _ = tokio::time::timeout(AGENT_LOSS_GRACE, ctl.stopped_or_agent_gone()).await;
+        goodbye = ctl.ending.borrow().goodbye(to, *end, true);
+    }
+    if let Goodbye::Send(farewell) = goodbye {
         if fwd.at_frame_boundary() && !fwd.closed() {
-            let _ = write_rest(leg, frame.as_bytes().to_vec()).await;
+            let _ = write_rest(leg, farewell.frame().as_bytes().to_vec()).await;
         }
     }
 }
 
-fn release<P: Pool>(pool: &P, relay: &Relay, buf: P::Buf) {
+fn release<P: Pool>(pool: &P, env: &Env, buf: P::Buf) {
     pool.release(buf);
-    relay.metrics.buffers_in_use.fetch_sub(1, Relaxed);
+    env.metrics.buffers_in_use.fetch_sub(1, Relaxed);
 }
 
 /// Runs a paired tunnel to its end: both pumps, the close handshake, then both sockets closed.
@@ -445,14 +403,13 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     device_leftover: Bytes,
     pool: &P,
     ctl: &TunnelCtl,
-    relay: &Relay,
+    env: &Env,
 ) -> ConnEnd {
-    let limits = &relay.config.limits;
     let moved = Moved::new();
-    let leg = |dir, src, dst| Leg { dir, src, dst, pool, ctl, relay, moved: &moved };
+    let leg = |dir, src, dst| Leg { dir, src, dst, pool, ctl, env, moved: &moved };
     let to_device = pump(leg(Dir::ToDevice, &client, &device), client_leftover);
     let to_client = pump(leg(Dir::ToClient, &device, &client), device_leftover);
-    let idle = idle_watch(&moved, ctl, Duration::from_secs(limits.idle_timeout_secs));
+    let idle = idle_watch(&moved, ctl, env.limits.idle_timeout);
     tokio::pin!(to_device, to_client, idle);
     let (first_dir, first) = tokio::select! {
         end = &mut to_device => (Dir::ToDevice, end),
@@ -461,16 +418,14 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     };
     // The close runs in a boxed future of its own: an idle tunnel's task carries none of its
     // state (the close timer alone is ~100 bytes).
-    let reason = Box::pin(async {
-        let reason = match &first {
-            PumpEnd::Closed => format!("{} closed", first_dir.source()),
-            PumpEnd::Gone => format!("{} disconnected", first_dir.source()),
-            PumpEnd::Violation(e) => {
-                relay.metrics.frame_errors.fetch_add(1, Relaxed);
-                format!("{} protocol error: {e}", first_dir.source())
-            }
-            PumpEnd::Stopped => ctl.why.borrow().clone().unwrap_or_else(|| "closed by the relay".into()),
-        };
+    Box::pin(async {
+        if matches!(first, PumpEnd::Violation(_)) {
+            env.metrics.frame_errors.fetch_add(1, Relaxed);
+        }
+        // The other pump writes to the first pump's source: a violator hears why.
+        if ctl.ending.borrow_mut().pump_ended(first_dir.source(), first) {
+            ctl.stop();
+        }
         let other = async {
             match first_dir {
                 Dir::ToDevice => (&mut to_client).await,
@@ -478,17 +433,6 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
             }
         };
         tokio::pin!(other);
-        if !matches!(first, PumpEnd::Closed) {
-            // The other pump writes to the first pump's source: a violator hears why.
-            let to_source = match &first {
-                PumpEnd::Violation(e) => Some(encode::close(e.close_code(), &e.to_string())),
-                _ => None,
-            };
-            match first_dir {
-                Dir::ToDevice => ctl.stop(None, to_source),
-                Dir::ToClient => ctl.stop(to_source, None),
-            }
-        }
         // After a normal close the other side may keep sending (TCP half-close) until it closes
         // too; only the idle timeout (or a stop) ends a half-closed tunnel early.
         // Whatever the other pump still does is bounded: its writes by `write_rest`, a frame it
@@ -497,21 +441,20 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
             _ = &mut other => {}
             _ = &mut idle => unreachable!("the idle watch never returns"),
         }
-        reason
     })
     .await;
     client.shutdown();
     device.shutdown();
+    let reason = ctl.ending.borrow().reason();
     ConnEnd { to_device: moved.bytes[0].get(), to_client: moved.bytes[1].get(), reason }
 }
 
-/// Closes the tunnel with 1001 once no byte moved either way for `idle`; then waits forever.
 /// Closes the tunnel with 1001 once no byte moved either way for `idle`; then waits forever.
 async fn idle_watch(moved: &Moved, ctl: &TunnelCtl, idle: Duration) {
     loop {
         let deadline = moved.last.get() + idle;
         if tokio::time::Instant::now() >= deadline {
-            ctl.close_because(CloseCode::GOING_AWAY, &format!("idle for {} s", idle.as_secs()));
+            ctl.close_because(CloseReason::Idle(idle.as_secs()));
             return std::future::pending().await;
         }
         tokio::time::sleep_until(deadline).await;
@@ -519,8 +462,9 @@ async fn idle_watch(moved: &Moved, ctl: &TunnelCtl, idle: Duration) {
 }
 
 /// Sends a Close to a connection that never got paired, then closes it.
-pub(crate) async fn refuse<I: Io>(io: I, code: CloseCode, reason: &str) {
-    let _ = io.write_owned(encode::close(code, reason).as_bytes().to_vec()).await;
+pub(crate) async fn refuse<I: Io>(io: I, reason: &CloseReason) {
+    let farewell = reason.farewell_to(Side::Client);
+    let _ = io.write_owned(farewell.frame().as_bytes().to_vec()).await;
     io.shutdown();
 }
 
@@ -543,7 +487,7 @@ pub(crate) struct Table<I> {
     /// Close orders for connections whose client side had not reached this worker yet (the
     /// session ended between the relay admitting the connection and the hand-off): the client
     /// side is answered with this code as soon as it arrives. Kept at most a pairing deadline.
-    pub(crate) closed_early: HashMap<u64, (tokio::time::Instant, CloseCode, String)>,
+    pub(crate) closed_early: HashMap<u64, (tokio::time::Instant, CloseReason)>,
 }
 
 impl<I> Table<I> {

@@ -427,7 +427,13 @@ pub(crate) struct BufPool {
 
 impl BufPool {
     fn new(ring: &IoUring, count: usize, size: usize) -> io::Result<BufPool> {
-        let count = count.clamp(1, 1 << 15);
+        // A buffer ring holds at most 2^15 entries; the config refuses more (`dataplane.buffers`).
+        if !(1..=1 << 15).contains(&count) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{count} buffers: a ring takes 1..=32768"),
+            ));
+        }
         let entries = count.next_power_of_two();
         let base = map(count * size)?;
         let ring_mem = map(entries * std::mem::size_of::<types::BufRingEntry>())?;
@@ -454,6 +460,11 @@ impl BufPool {
             }
         }
         Ok(pool)
+    }
+
+    /// How many buffers the pool has.
+    pub(crate) fn count(&self) -> usize {
+        self.count
     }
 
     fn addr(&self, id: u16) -> *mut u8 {

@@ -1,0 +1,91 @@
+//! What every part of the control plane shares and only reads: the configuration, counters,
+//! the audit log, TLS, the handshake bounds, the shutdown signal — and the session registry
+//! ([`Registry`]), the one part that holds mutable state, behind its trait.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+
+use super::admission::Admission;
+use super::audit::{Audit, Record};
+use super::handoff::Workers;
+use super::metrics::Metrics;
+use super::registry::memory::MemoryRegistry;
+use super::registry::{Refusal, Registry, SystemClock};
+use crate::config::Config;
+
+/// The relay's shared context. See the module doc.
+pub struct Relay {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub audit: Arc<Audit>,
+    /// Set when the config has `[tls]`: every connection is TLS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Connections in their HTTP phase (relay-wide), bounded by `limits.max_handshakes`.
+    pub handshakes: Arc<Semaphore>,
+    /// Flips to true on SIGTERM: accept loops stop, new sessions are refused.
+    pub shutdown: watch::Sender<bool>,
+    /// Per-address handshake shares and the failed-login gate.
+    pub admission: Arc<Admission>,
+    /// Agents, sessions and connections.
+    pub registry: Arc<dyn Registry>,
+    /// Where upgraded data sockets go.
+    pub workers: Workers,
+}
+
+impl Relay {
+    /// The context of a relay whose workers listen on `workers`, with the in-memory registry.
+    pub fn new(config: Config, workers: Workers) -> anyhow::Result<Relay> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let audit = Arc::new(Audit::open(config.audit.path.as_deref())?);
+        let registry = Arc::new(MemoryRegistry::new(
+            config.clone(),
+            metrics.clone(),
+            audit.clone(),
+            workers.clone(),
+            Arc::new(SystemClock),
+        ));
+        let tls = match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(&t.cert, &t.key)?)),
+            None => None,
+        };
+        let admission = Admission::new(
+            config.limits.max_handshakes_per_address.min(config.limits.max_handshakes),
+            Duration::from_millis(config.limits.auth_failure_delay_ms),
+        );
+        Ok(Relay {
+            handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
+            config,
+            metrics,
+            audit,
+            tls,
+            shutdown: watch::Sender::new(false),
+            admission,
+            registry,
+            workers,
+        })
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Checks a device key.
+    pub fn device_key_ok(&self, device: &str, key: &str) -> Result<(), Refusal> {
+        match self.config.device(device) {
+            Some(d) if d.key.matches(key) => Ok(()),
+            _ => Err(Refusal::bad_token()),
+        }
+    }
+
+    /// A second agent for a device whose agent answered: refused, logged, audited, counted.
+    pub fn agent_refused(&self, device: &str, addr: SocketAddr, holder: SocketAddr) {
+        self.metrics.agent_refusals.fetch_add(1, Relaxed);
+        tracing::warn!(device, %addr, %holder, "agent refused: this device's agent is connected and alive (a copied key?)");
+        self.audit.write(Record::AgentRefused { device, addr: &addr.to_string(), holder: &holder.to_string() });
+    }
+}
