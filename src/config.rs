@@ -315,8 +315,9 @@ impl Config {
         if dp.buffer_size < 4096 || dp.buffer_size > (1 << 20) {
             bail!("dataplane.buffer_size {} is outside 4096..=1048576", dp.buffer_size);
         }
-        if dp.buffers < 2 {
-            bail!("dataplane.buffers must be at least 2");
+        // 2^15: the most an io_uring buffer ring holds (per worker).
+        if !(2..=32_768).contains(&dp.buffers) {
+            bail!("dataplane.buffers {} is outside 2..=32768 (per worker)", dp.buffers);
         }
         let l = &self.limits;
         if l.max_header_bytes < 8192 {
@@ -486,6 +487,64 @@ mod tests {
     fn a_non_ascii_hash_is_an_error_not_a_panic() {
         let text = format!("[[operator]]\nname = \"ops\"\ntoken_sha256 = \"{}\"\n", "é".repeat(32));
         assert!(format!("{:#}", Config::parse(&text).unwrap_err()).contains("64 hex digits"));
+    }
+
+    /// README's config block is `examples/relay.toml`, it parses, and the values it shows are
+    /// the defaults (README says so).
+    #[test]
+    fn readme_config_block_is_the_example_file_and_shows_the_defaults() {
+        let readme = include_str!("../README.md");
+        let block = readme
+            .split("## Relay configuration")
+            .nth(1)
+            .and_then(|s| s.split("```toml\n").nth(1))
+            .and_then(|s| s.split("```").next())
+            .expect("README has a config block");
+        let example = include_str!("../examples/relay.toml");
+        assert_eq!(block, example, "README's config block and examples/relay.toml differ");
+        let c = Config::parse(example).unwrap();
+        assert_eq!(format!("{:?}", c.limits), format!("{:?}", Limits::default()));
+        assert_eq!(format!("{:?}", c.dataplane), format!("{:?}", DataPlane::default()));
+    }
+
+    fn corpus(kind: &str) -> Vec<(String, String)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config").join(kind);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap()))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no configs in {}", dir.display());
+        files
+    }
+
+    #[test]
+    fn every_config_in_the_valid_corpus_parses() {
+        for (name, text) in corpus("valid") {
+            if let Err(e) = Config::parse(&text) {
+                panic!("tests/config/valid/{name}: {e:#}");
+            }
+        }
+    }
+
+    /// Each invalid config's first line says the error it must produce (`# error: …`).
+    #[test]
+    fn every_config_in_the_invalid_corpus_fails_with_its_error() {
+        for (name, text) in corpus("invalid") {
+            let want =
+                text.lines().next().and_then(|l| l.strip_prefix("# error: ")).unwrap_or_else(|| {
+                    panic!("tests/config/invalid/{name} must start with '# error: <what it must say>'")
+                });
+            match Config::parse(&text) {
+                Ok(_) => panic!("tests/config/invalid/{name} parsed"),
+                Err(e) => {
+                    let got = format!("{e:#}");
+                    assert!(got.contains(want), "tests/config/invalid/{name}: said {got:?}, not {want:?}");
+                }
+            }
+        }
     }
 
     #[test]
