@@ -35,24 +35,11 @@ fn source_sink(len: u64) -> std::net::SocketAddr {
     addr
 }
 
-fn pki(dir: &std::path::Path) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
-    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
-    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(p("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(p("key.pem"), key.serialize_pem()).unwrap();
-    (p("ca.pem"), p("cert.pem"), p("key.pem"))
-}
-
 /// Returns (MB/s each way, relay CPU seconds per GB forwarded).
 fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = pki(dir.path());
+    let (ca, cert, key) = make_pki(dir.path(), "relay_paths");
+    let (ca, cert, key) = (ca.display().to_string(), cert.display().to_string(), key.display().to_string());
     let extra = if tls { format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n") } else { String::new() };
     let relay = Relay::start(backend, &extra);
     let url = format!("{}://127.0.0.1:{}", if tls { "https" } else { "http" }, relay.addr.port());

@@ -130,13 +130,7 @@ async fn wait_online(relay: &RelayUrl, token: &str) -> anyhow::Result<()> {
 /// every byte comes back. Returns the seconds taken and the bytes sent.
 async fn self_check(local: SocketAddr) -> anyhow::Result<(f64, usize)> {
     let mut data = vec![0u8; SELF_CHECK_BYTES];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut data);
     let data = Bytes::from(data);
     let began = Instant::now();
     let tcp = TcpStream::connect(local).await?;

@@ -26,3 +26,11 @@ pub mod proto;
 pub mod relay;
 pub mod tls;
 pub mod ws;
+
+/// What the fuzz targets drive beyond the public API: the relay's per-connection HTTP path and
+/// its handling of agent messages. Only in fuzzing builds (`cargo fuzz` sets `--cfg fuzzing`).
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    pub use crate::relay::api::serve_connection;
+    pub use crate::relay::channels::agent_message;
+}

@@ -14,20 +14,8 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// A tiny deterministic RNG for the attackers.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+/// The attackers' deterministic RNG.
+type Rng = Noise;
 
 /// The fuzz corpus of the forwarder (raw bytes a peer might send).
 fn corpus() -> Vec<Vec<u8>> {
@@ -84,19 +72,14 @@ fn mutate(rng: &mut Rng, mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
-/// One attack stream over a fresh client data connection: send, half-close, drain until EOF.
-fn attack_stream(url: &str, token: &str, bytes: &[u8]) {
+/// One attack stream over a fresh client data connection: send, half-close, then the relay must
+/// close the connection (whatever it forwarded or answered first). `Err` if it did not.
+fn attack_stream(url: &str, token: &str, bytes: &[u8]) -> Result<(), String> {
     let mut ws = ws_connect(url, token);
     let tcp = ws.get_mut();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let _ = tcp.write_all(bytes);
     let _ = tcp.shutdown(Shutdown::Write);
-    let mut sink = [0u8; 16 << 10];
-    while let Ok(n) = tcp.read(&mut sink) {
-        if n == 0 {
-            break;
-        }
-    }
+    read_to_close(tcp, Duration::from_secs(15)).map(drop)
 }
 
 fn good_tunnel(local: SocketAddr, seed: u64, len: u64) -> bool {
@@ -125,6 +108,8 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
     thread::sleep(Duration::from_millis(500));
     let fds_before = relay.open_fds();
     let rss_before = relay.rss_kib();
+    let opened_before = relay.metric("ringway_connections_opened_total");
+    let frame_errors_before = relay.metric("ringway_frame_errors_total");
 
     let peak_rss = Arc::new(AtomicU64::new(rss_before));
     let done = Arc::new(AtomicBool::new(false));
@@ -146,19 +131,20 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
         .map(|i| thread::spawn(move || (0..8).all(|round| good_tunnel(local, 100 + i * 8 + round, 8 << 20))))
         .collect();
 
-    // 500 handshakes that never finish, from another host (127.0.0.2): nobody else is locked out.
+    // 500 handshakes that never finish, from another host (127.0.0.2): nobody else is locked out,
+    // and the relay closes every one at its handshake deadline (2 s).
     let addr = relay.addr;
     let stallers = thread::spawn(move || {
         let other_host = std::net::IpAddr::from([127, 0, 0, 2]);
         let held: Vec<TcpStream> = (0..500)
-            .filter_map(|_| {
-                let mut s = connect_from(other_host, addr).ok()?;
+            .map(|i| {
+                let mut s = connect_from(other_host, addr).unwrap_or_else(|e| panic!("staller {i}: {e}"));
                 let _ = s.write_all(b"GET /api/v1/sessions HTTP/1.1\r\nHost: x\r\n");
-                Some(s)
+                s
             })
             .collect();
-        thread::sleep(Duration::from_secs(3));
-        held.len()
+        // Closed by the relay: EOF or reset within the deadline (a read timeout is not a close).
+        held.into_iter().filter_map(|mut s| read_to_close(&mut s, Duration::from_secs(10)).ok()).count()
     });
 
     // 10,000 random and mutated frame streams, on sessions of their own.
@@ -169,7 +155,8 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
             let seeds = seeds.clone();
             thread::spawn(move || {
                 let _ = id;
-                let mut rng = Rng(0x1234_5678 + t * 7919);
+                let mut rng = Rng::new(0x1234_5678 + t * 7919);
+                let mut not_closed = 0u64;
                 for i in 0..2500 {
                     let bytes = match i % 3 {
                         0 => {
@@ -182,16 +169,19 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
                         }
                         _ => (0..rng.below(512)).map(|_| rng.next() as u8).collect(),
                     };
-                    attack_stream(&url, &token, &bytes);
+                    if let Err(e) = attack_stream(&url, &token, &bytes) {
+                        eprintln!("attack stream {t}/{i}: the relay did not close it: {e}");
+                        not_closed += 1;
+                    }
                 }
-                2500u64
+                not_closed
             })
         })
         .collect();
 
     // Garbage on the agent endpoint: raw bytes, and frames after a real handshake.
     let agent_garbage = thread::spawn(move || {
-        let mut rng = Rng(42);
+        let mut rng = Rng::new(42);
         let mut tried = 0;
         for i in 0..200 {
             let garbage: Vec<u8> = (0..1 + rng.below(2048)).map(|_| rng.next() as u8).collect();
@@ -273,8 +263,8 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
         (n, refused)
     });
 
-    let stalled = stallers.join().unwrap();
-    let streams: u64 = frame_attackers.into_iter().map(|a| a.join().unwrap()).sum();
+    let stalled_closed = stallers.join().unwrap();
+    let streams_not_closed: u64 = frame_attackers.into_iter().map(|a| a.join().unwrap()).sum();
     let garbage = agent_garbage.join().unwrap();
     let (resets, resets_refused) = resetters.join().unwrap();
     let closed_1009 = fragment_flood.join().unwrap();
@@ -298,8 +288,8 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
     let rss_after = relay.rss_kib();
     let peak = peak_rss.load(Relaxed);
     eprintln!(
-        "hostile input: {stalled} stalled handshakes, {streams} frame streams, {garbage} agent-endpoint garbage \
-         inputs, {resets} resets (+{resets_refused} refused at the limit), 20 unfinished control messages of 4 MiB, \
+        "hostile input: 500 stalled handshakes ({stalled_closed} closed by the relay), 10000 frame streams \
+         ({streams_not_closed} left open by the relay), {garbage} agent-endpoint garbage inputs, {resets} resets (+{resets_refused} refused at the limit), 20 unfinished control messages of 4 MiB, \
          5 ping floods of 8 MiB from peers that never read; good tunnels intact {intact}/20 (64 MiB each way each); relay fds {fds_before} -> {}, \
          RSS {rss_before} KiB -> peak {peak} KiB -> {rss_after} KiB; frame errors {}",
         relay.open_fds(),
@@ -308,8 +298,19 @@ fn hostile_input_harms_no_good_tunnel_and_the_relay_recovers() {
     drop(ping_floods);
     assert_eq!(intact, 20, "every good tunnel's bytes arrive intact");
     assert_eq!(closed_1009, 20, "every unfinished control message was closed with 1009");
-    assert_eq!(stalled, 500);
-    assert_eq!(streams, 10_000);
+    assert_eq!(stalled_closed, 500, "the relay closes every stalled handshake at its deadline");
+    assert_eq!(streams_not_closed, 0, "the relay closes every attack stream");
+    // The relay's own books: it admitted every attack stream (and the good tunnels' and the
+    // resets' connections), reported an end for each, and refused the broken ones as such.
+    let opened = relay.metric("ringway_connections_opened_total") - opened_before;
+    assert!(opened >= 10_000 + 160 + resets, "the relay admitted {opened} connections");
+    assert_eq!(
+        relay.metric("ringway_connections_opened_total"),
+        relay.metric("ringway_connections_closed_total"),
+        "every admitted connection's end was reported"
+    );
+    let frame_errors = relay.metric("ringway_frame_errors_total") - frame_errors_before;
+    assert!(frame_errors >= 1_000, "only {frame_errors} of the mutated streams were refused as framing errors");
     assert_eq!(relay.metric("ringway_buffers_in_use"), 0);
     // The buffer pool may be touched lazily (first use), so it is allowed on top of the baseline.
     let pool_kib = relay.metric("ringway_buffers_total") * 64;

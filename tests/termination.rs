@@ -26,9 +26,7 @@ fn a_service_not_listening_on_the_device_closes_with_4001() {
     // And through `ringway connect`, the user is told why.
     let (mut connect, local) = relay.connect("dead", &[]);
     let mut tcp = TcpStream::connect(local).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 16];
-    assert_eq!(tcp.read(&mut buf).unwrap_or(0), 0, "the local connection ends");
+    assert_eq!(read_to_close(&mut tcp, Duration::from_secs(10)), Ok(Vec::new()), "the local connection ends");
     thread::sleep(Duration::from_millis(200));
     connect.kill();
     assert!(connect.stderr().contains("4001"), "{}", connect.stderr());
@@ -146,7 +144,7 @@ fn connect_reports_the_session_end_and_exits() {
         assert!(Instant::now() < deadline, "connect did not exit after the session expired");
         thread::sleep(Duration::from_millis(50));
     };
-    let _ = status;
+    assert_eq!(status.code(), Some(1), "connect exits 1 when the relay ends its session: {}", connect.stderr());
     assert!(connect.stderr().contains("4002"), "{}", connect.stderr());
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use ringway::config::Config;
 use ringway::proto::StartSession;
-use ringway::relay::channels::agent_message;
+use ringway::fuzzing::agent_message;
 use ringway::relay::ending::CloseReason;
 use ringway::relay::handoff::{Cmd, Workers};
 use ringway::relay::Relay;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use ringway::config::Config;
-use ringway::relay::api::serve_connection;
+use ringway::fuzzing::serve_connection;
 use ringway::relay::handoff::{Cmd, Workers};
 use ringway::relay::Relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

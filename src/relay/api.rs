@@ -83,8 +83,8 @@ pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, w
     }
 }
 
-/// Serves one accepted connection with hyper until it ends or is upgraded. Public so that the
-/// HTTP fuzz target drives exactly this code over an in-memory stream.
+/// Serves one accepted connection with hyper until it ends or is upgraded. The HTTP fuzz target
+/// drives exactly this code over an in-memory stream (`crate::fuzzing`).
 pub async fn serve_connection<S>(io: S, relay: Arc<Relay>, peer: SocketAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -183,18 +183,18 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
                 .body(Full::new(Bytes::from(relay.metrics.render(sessions, agents))))
                 .expect("static response parts")
         }
-        (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay, peer).await,
+        (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay, peer).await.unwrap_or_else(|r| *r),
         (_, ["api", "v1", "sessions", id, "control"]) => {
             let id = id.to_string();
-            control_upgrade(req, relay, id).await
+            control_upgrade(req, relay, id).await.unwrap_or_else(|r| *r)
         }
         (_, ["api", "v1", "sessions", id, "client"]) => {
             let id = id.to_string();
-            client_upgrade(req, relay, id, peer).await
+            client_upgrade(req, relay, id, peer).await.unwrap_or_else(|r| *r)
         }
         (_, ["api", "v1", "sessions", id, "device"]) => {
             let id = id.to_string();
-            device_upgrade(req, relay, id).await
+            device_upgrade(req, relay, id).await.unwrap_or_else(|r| *r)
         }
         (_, ["api", "v1", ..]) => operator_api(req, relay, peer, &segments).await,
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
@@ -254,6 +254,16 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAdd
     }
 }
 
+/// An upgrade handler's answer: the `101`, or a refusal returned early with `?` (boxed: a
+/// response is large for an `Err`).
+type Upgrade = Result<Resp, Box<Resp>>;
+
+/// A request without what the endpoint needs: counted as malformed, answered 400.
+fn malformed(relay: &Relay, message: &str) -> Box<Resp> {
+    relay.metrics.handshake_failed(HandshakeFailure::Malformed);
+    Box::new(error(StatusCode::BAD_REQUEST, message))
+}
+
 /// Starts the WebSocket handshake, or says why it cannot.
 fn upgrade(
     relay: &Relay,
@@ -272,47 +282,31 @@ fn upgrade(
     }
 }
 
-async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
-    let Some(device) = query(&req, "device").map(str::to_string) else {
-        relay.metrics.handshake_failed(HandshakeFailure::Malformed);
-        return error(StatusCode::BAD_REQUEST, "missing ?device=ID");
-    };
-    if let Err(r) = relay.device_key_ok(&device, bearer(&req).unwrap_or("")) {
-        return refused(&relay, r);
-    }
-    let (resp, fut) = match upgrade(&relay, &mut req) {
-        Ok(x) => x,
-        Err(resp) => return *resp,
-    };
+async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Upgrade {
+    let device = query(&req, "device").map(str::to_string).ok_or_else(|| malformed(&relay, "missing ?device=ID"))?;
+    relay.device_key_ok(&device, bearer(&req).unwrap_or("")).map_err(|r| Box::new(refused(&relay, r)))?;
+    let (resp, fut) = upgrade(&relay, &mut req)?;
     tokio::task::spawn_local(async move {
         if let Ok(ws) = fut.await {
             channels::agent(ws, device, peer, relay).await;
         }
     });
-    resp
+    Ok(resp)
 }
 
-async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Resp {
-    let token = bearer(&req).unwrap_or("").to_string();
+async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Upgrade {
+    let token = bearer(&req).unwrap_or("");
     let (tx, rx) = tokio::sync::mpsc::channel(SESSION_EVENTS);
-    let (attachment, ready) = match relay.registry.attach_control(&session, &token, tx) {
-        Ok(x) => x,
-        Err(r) => return refused(&relay, r),
-    };
-    let (resp, fut) = match upgrade(&relay, &mut req) {
-        Ok(x) => x,
-        Err(resp) => {
-            relay.registry.detach_control(&session, attachment);
-            return *resp;
-        }
-    };
+    let (attachment, ready) =
+        relay.registry.attach_control(&session, token, tx).map_err(|r| Box::new(refused(&relay, r)))?;
+    let (resp, fut) = upgrade(&relay, &mut req).inspect_err(|_| relay.registry.detach_control(&session, attachment))?;
     tokio::task::spawn_local(async move {
         if let Ok(ws) = fut.await {
             channels::session_control(ws, relay.clone(), ready, rx).await;
         }
         relay.registry.detach_control(&session, attachment);
     });
-    resp
+    Ok(resp)
 }
 
 /// The socket under an upgraded connection, and what hyper had read past the request.
@@ -331,20 +325,15 @@ async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(DataSo
     }
 }
 
-async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Resp {
-    let token = bearer(&req).unwrap_or("").to_string();
-    let conn: ClientConn = match relay.registry.client_conn(&session, &token, peer) {
-        Ok(c) => c,
-        Err(r) => return refused(&relay, r),
+async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Upgrade {
+    let token = bearer(&req).unwrap_or("");
+    let conn: ClientConn =
+        relay.registry.client_conn(&session, token, peer).map_err(|r| Box::new(refused(&relay, r)))?;
+    let abandoned = |why: &str| {
+        let end = ConnEnd::before_forwarding(CloseReason::Abandoned(why.to_string()));
+        relay.registry.conn_ended(&conn.session, conn.conn, end);
     };
-    let (resp, fut) = match upgrade(&relay, &mut req) {
-        Ok(x) => x,
-        Err(resp) => {
-            let end = ConnEnd::before_forwarding(CloseReason::Abandoned("not a valid WebSocket upgrade".into()));
-            relay.registry.conn_ended(&conn.session, conn.conn, end);
-            return *resp;
-        }
-    };
+    let (resp, fut) = upgrade(&relay, &mut req).inspect_err(|_| abandoned("not a valid WebSocket upgrade"))?;
     tokio::task::spawn_local(async move {
         let Some((stream, leftover)) = take_socket(fut).await else {
             let end = ConnEnd::before_forwarding(CloseReason::Abandoned("the upgrade did not complete".into()));
@@ -357,27 +346,19 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
             .send(conn.worker, Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover });
         relay.registry.announce_conn(&conn);
     });
-    resp
+    Ok(resp)
 }
 
-async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Resp {
-    let token = bearer(&req).unwrap_or("").to_string();
-    let Some(conn) = query(&req, "conn").and_then(|c| c.parse::<u64>().ok()) else {
-        relay.metrics.handshake_failed(HandshakeFailure::Malformed);
-        return error(StatusCode::BAD_REQUEST, "missing ?conn=N");
-    };
-    let worker = match relay.registry.device_conn(&session, conn, &token) {
-        Ok(w) => w,
-        Err(r) => return refused(&relay, r),
-    };
-    let (resp, fut) = match upgrade(&relay, &mut req) {
-        Ok(x) => x,
-        Err(resp) => return *resp,
-    };
+async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Upgrade {
+    let token = bearer(&req).unwrap_or("");
+    let conn =
+        query(&req, "conn").and_then(|c| c.parse::<u64>().ok()).ok_or_else(|| malformed(&relay, "missing ?conn=N"))?;
+    let worker = relay.registry.device_conn(&session, conn, token).map_err(|r| Box::new(refused(&relay, r)))?;
+    let (resp, fut) = upgrade(&relay, &mut req)?;
     tokio::task::spawn_local(async move {
         if let Some((stream, leftover)) = take_socket(fut).await {
             relay.workers.send(worker, Cmd::Device { conn, stream, leftover });
         }
     });
-    resp
+    Ok(resp)
 }

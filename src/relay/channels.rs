@@ -53,6 +53,37 @@ fn keepalive(relay: &Relay) -> Duration {
     Duration::from_secs(relay.config.limits.keepalive_secs)
 }
 
+/// A control connection's liveness: pinged every `limits.keepalive_secs`; a peer that lets
+/// [`MISSED_PINGS`] pings in a row go unanswered, or does not read them, is dead.
+struct Keepalive {
+    tick: tokio::time::Interval,
+    unanswered: u32,
+}
+
+impl Keepalive {
+    fn new(relay: &Relay) -> Keepalive {
+        Keepalive { tick: tokio::time::interval(keepalive(relay)), unanswered: 0 }
+    }
+
+    /// Waits for the next ping's time. Cancel-safe.
+    async fn due(&mut self) {
+        self.tick.tick().await;
+    }
+
+    /// Pings the peer; `Err` says why it is dead.
+    fn ping(&mut self, ch: &Channel) -> Result<(), &'static str> {
+        self.unanswered += 1;
+        if self.unanswered > MISSED_PINGS {
+            return Err("stopped answering pings");
+        }
+        ch.send(Outgoing::Ping).map_err(|_| "stopped reading")
+    }
+
+    fn answered(&mut self) {
+        self.unanswered = 0;
+    }
+}
+
 /// Counts and logs a peer the channel dropped (a violation, or not reading); an ordinary end is
 /// neither.
 fn dropped(relay: &Relay, what: &str, incoming: &Incoming) {
@@ -93,8 +124,7 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
     // and `from_relay` ends.
     drop(link);
 
-    let mut ping = tokio::time::interval(keepalive(&relay));
-    let mut unanswered = 0;
+    let mut alive = Keepalive::new(&relay);
     let mut probing: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         tokio::select! {
@@ -118,7 +148,7 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
             }
             incoming = ch.rx.recv() => match incoming {
                 Some(Incoming::Pong) => {
-                    unanswered = 0;
+                    alive.answered();
                     for waiter in probing.drain(..) {
                         let _ = waiter.send(());
                     }
@@ -137,15 +167,10 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
                 }
                 None => break,
             },
-            _ = ping.tick() => {
-                unanswered += 1;
-                if unanswered > MISSED_PINGS {
+            _ = alive.due() => {
+                if let Err(why) = alive.ping(&ch) {
                     relay.metrics.control_dropped.fetch_add(1, Relaxed);
-                    tracing::warn!("{who} stopped answering pings");
-                    break;
-                }
-                if ch.send(Outgoing::Ping).is_err() {
-                    dropped(&relay, &who, &Incoming::Stalled);
+                    tracing::warn!("{who}: {why}; dropped");
                     break;
                 }
             }
@@ -208,7 +233,7 @@ async fn alive(probe: &mpsc::Sender<oneshot::Sender<()>>, within: Duration) -> b
 
 /// Acts on one message from `device`'s agent after its hello. `Err` says why the message is
 /// unacceptable (the channel then closes with 1002); it quotes the agent only escaped and
-/// bounded. Public for the agent-message fuzz target.
+/// bounded. The agent-message fuzz target drives it (`crate::fuzzing`).
 pub fn agent_message(relay: &Relay, device: &str, text: &str) -> Result<(), String> {
     match serde_json::from_str::<FromAgent>(text) {
         Ok(FromAgent::ConnectFailed { session, conn, reason }) => {
@@ -228,16 +253,15 @@ pub async fn session_control(ws: Ws, relay: Arc<Relay>, ready: SessionEvent, mut
     if send(&ch, &ready).is_err() {
         return;
     }
-    let mut ping = tokio::time::interval(keepalive(&relay));
-    let mut unanswered = 0;
+    let mut alive = Keepalive::new(&relay);
     loop {
         tokio::select! {
-            _ = ping.tick() => {
-                unanswered += 1;
+            _ = alive.due() => {
                 // A client that vanished without a FIN, or stopped reading: the session's
                 // grace period starts.
-                if unanswered > MISSED_PINGS || ch.send(Outgoing::Ping).is_err() {
-                    dropped(&relay, "session control", &Incoming::Stalled);
+                if let Err(why) = alive.ping(&ch) {
+                    relay.metrics.control_dropped.fetch_add(1, Relaxed);
+                    tracing::warn!("session control: {why}; dropped");
                     return;
                 }
             }
@@ -256,7 +280,7 @@ pub async fn session_control(ws: Ws, relay: Arc<Relay>, ready: SessionEvent, mut
                 None => return,
             },
             incoming = ch.rx.recv() => match incoming {
-                Some(Incoming::Pong) => unanswered = 0,
+                Some(Incoming::Pong) => alive.answered(),
                 Some(Incoming::Text(_) | Incoming::Ping) => {}
                 Some(end) => {
                     dropped(&relay, "session control", &end);

@@ -18,9 +18,9 @@
 //!   connection ends: [`ending::CloseReason`] and its state machine): leaves.
 
 mod admission;
-pub mod api;
+pub(crate) mod api;
 mod audit;
-pub mod channels;
+pub(crate) mod channels;
 pub mod context;
 pub mod dataplane;
 pub mod ending;

@@ -76,17 +76,6 @@ pub fn close(code: CloseCode, reason: &str) -> ControlFrame {
     ControlFrame::new(OpCode::Close, &[&code.0.to_be_bytes(), &reason.as_bytes()[..cut]])
 }
 
-/// An unmasked Pong answering a Ping's payload (a valid Ping's payload always fits; anything
-/// longer is cut to 125 bytes).
-pub fn pong(payload: &[u8]) -> ControlFrame {
-    ControlFrame::new(OpCode::Pong, &[&payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]])
-}
-
-/// An unmasked Ping, e.g. a keepalive probe.
-pub fn ping(payload: &[u8]) -> ControlFrame {
-    ControlFrame::new(OpCode::Ping, &[&payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,11 +109,5 @@ mod tests {
         assert!(b.len() - 2 <= MAX_CONTROL_PAYLOAD);
         assert!(std::str::from_utf8(&b[4..]).is_ok());
         assert_eq!(b.len() - 4, 122);
-    }
-
-    #[test]
-    fn pong_echoes_the_payload() {
-        assert_eq!(pong(b"abc").as_bytes(), &[0x8a, 3, b'a', b'b', b'c']);
-        assert_eq!(ping(b"").as_bytes(), &[0x89, 0]);
     }
 }

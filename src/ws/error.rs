@@ -16,7 +16,6 @@ impl CloseCode {
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
-    pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
     /// The device's agent could not reach the requested service.
     pub const SERVICE_UNREACHABLE: CloseCode = CloseCode(4001);
     /// The session's lifetime ran out.

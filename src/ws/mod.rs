@@ -3,7 +3,7 @@
 //! It owns RFC 6455 framing as the relay sees it: frames arrive from WebSocket *clients* (both
 //! the operator's client and the device's agent dial the relay), so every frame must be masked
 //! and leaves the relay unmasked. [`Forwarder`] validates that stream and rewrites it in place,
-//! [`encode`] builds the frames the relay sends for itself (Close, Pong) and the masked frames
+//! [`encode`] builds the frames the relay sends for itself (Close) and the masked frames
 //! test peers and benchmarks need, and [`unmask`] is the word-wise XOR under all of it.
 //!
 //! This module must not do IO: no tokio, no sockets, no clocks, no allocation on the forwarding

@@ -4,7 +4,6 @@
 use std::cell::RefCell;
 use std::io;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 
 use tokio::sync::Semaphore;
 
@@ -89,8 +88,7 @@ impl Io for EpollIo {
     }
 
     fn shutdown(&self) {
-        // SAFETY: shutdown(2) on a descriptor this stream owns and keeps open.
-        unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RDWR) };
+        super::shut_down(std::os::fd::AsFd::as_fd(&self.0));
     }
 
     fn peer_closed(&self) -> bool {

@@ -117,6 +117,12 @@ pub(crate) fn tcp_peer_closed(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     rc == 0 && info.tcpi_state == CLOSE
 }
 
+/// Shuts both directions of a socket down: ends any peer's wait on us (an error means it is
+/// down already). The descriptor stays open until its owner drops it.
+pub(crate) fn shut_down(fd: std::os::fd::BorrowedFd<'_>) {
+    let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+}
+
 /// Socket options every data connection gets: no Nagle delay, and TCP keepalive so that a
 /// peer that vanished without a FIN is noticed (about 2 minutes) even on an otherwise quiet tunnel.
 pub(crate) fn tune(stream: &impl std::os::fd::AsFd) -> io::Result<()> {

@@ -90,7 +90,7 @@ impl<B: DerefMut<Target = [u8]>> Io for TlsIo<B> {
     }
 
     fn shutdown(&self) {
-        let _ = socket2::SockRef::from(self.tls.borrow().get_ref().0).shutdown(std::net::Shutdown::Both);
+        super::shut_down(std::os::fd::AsFd::as_fd(self.tls.borrow().get_ref().0));
     }
 
     fn peer_closed(&self) -> bool {

@@ -742,8 +742,7 @@ impl Io for UringIo {
     }
 
     fn shutdown(&self) {
-        // SAFETY: shutdown(2) on a descriptor this value owns.
-        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        super::shut_down(std::os::fd::AsFd::as_fd(&self.fd));
     }
 
     fn peer_closed(&self) -> bool {
