@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
 
-use anyhow::{bail, Context};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -280,60 +279,81 @@ pub struct Config {
     pub tls: Option<Tls>,
 }
 
+/// Why a relay configuration was refused. Messages name the line, key or limit, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading relay config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("in relay config {path}: {error}")]
+    In { path: String, error: Box<ConfigError> },
+    /// Not TOML, or not the keys and types the relay takes ("line N, key `k`: …").
+    #[error("{0}")]
+    Syntax(String),
+    /// Well-formed, but a value or a combination of values the relay refuses.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Returns a [`ConfigError::Invalid`] from `validate`.
+macro_rules! invalid {
+    ($($arg:tt)*) => { return Err(ConfigError::Invalid(format!($($arg)*))) };
+}
+
 impl Config {
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading relay config {}", path.display()))?;
-        Config::parse(&text).with_context(|| format!("in relay config {}", path.display()))
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        Config::parse(&text).map_err(|e| ConfigError::In { path: shown, error: Box::new(e) })
     }
 
-    pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", describe(text, &e)))?;
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax(describe(text, &e)))?;
         config.validate()?;
         Ok(config)
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.operator.is_empty() {
-            bail!("no [[operator]]: nobody could use the control API");
+            invalid!("no [[operator]]: nobody could use the control API");
         }
         let mut names = HashSet::new();
         for op in &self.operator {
             if !names.insert(&op.name) {
-                bail!("operator {} is listed twice", op.name);
+                invalid!("operator {} is listed twice", op.name);
             }
         }
         let mut ids = HashSet::new();
         for dev in &self.device {
             if dev.id.is_empty() || !dev.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                bail!("device id {:?}: use letters, digits, '-', '_' and '.'", dev.id);
+                invalid!("device id {:?}: use letters, digits, '-', '_' and '.'", dev.id);
             }
             if !ids.insert(&dev.id) {
-                bail!("device {} is listed twice", dev.id);
+                invalid!("device {} is listed twice", dev.id);
             }
         }
         let dp = &self.dataplane;
         if dp.buffer_size < 4096 || dp.buffer_size > (1 << 20) {
-            bail!("dataplane.buffer_size {} is outside 4096..=1048576", dp.buffer_size);
+            invalid!("dataplane.buffer_size {} is outside 4096..=1048576", dp.buffer_size);
         }
         // 2^15: the most an io_uring buffer ring holds (per worker).
         if !(2..=32_768).contains(&dp.buffers) {
-            bail!("dataplane.buffers {} is outside 2..=32768 (per worker)", dp.buffers);
+            invalid!("dataplane.buffers {} is outside 2..=32768 (per worker)", dp.buffers);
         }
         let l = &self.limits;
         if l.max_header_bytes < 8192 {
-            bail!("limits.max_header_bytes must be at least 8192");
+            invalid!("limits.max_header_bytes must be at least 8192");
         }
         if l.handshake_timeout_secs == 0 || l.idle_timeout_secs == 0 || l.max_handshakes == 0 {
-            bail!("limits.handshake_timeout_secs, idle_timeout_secs and max_handshakes must be above 0");
+            invalid!("limits.handshake_timeout_secs, idle_timeout_secs and max_handshakes must be above 0");
         }
         if l.keepalive_secs == 0 || l.attach_timeout_secs == 0 || l.max_sessions_per_operator == 0 {
-            bail!("limits.keepalive_secs, attach_timeout_secs and max_sessions_per_operator must be above 0");
+            invalid!("limits.keepalive_secs, attach_timeout_secs and max_sessions_per_operator must be above 0");
         }
         if l.max_handshakes_per_address == 0 {
-            bail!("limits.max_handshakes_per_address must be above 0");
+            invalid!("limits.max_handshakes_per_address must be above 0");
         }
         if l.session_ttl_secs == 0 || l.session_ttl_secs > l.max_session_ttl_secs {
-            bail!(
+            invalid!(
                 "limits.session_ttl_secs {} must be 1..=max_session_ttl_secs ({}): otherwise every session request \
                  without a ttl_secs is refused",
                 l.session_ttl_secs,
@@ -357,7 +377,7 @@ impl Config {
             ("auth_failure_delay_ms", l.auth_failure_delay_ms / 1000),
         ] {
             if secs > TEN_YEARS {
-                bail!("limits.{key} is over ten years");
+                invalid!("limits.{key} is over ten years");
             }
         }
         Ok(())

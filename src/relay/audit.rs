@@ -75,13 +75,13 @@ struct Writer {
 }
 
 impl Audit {
-    pub fn open(path: Option<&Path>) -> anyhow::Result<Audit> {
+    pub fn open(path: Option<&Path>) -> std::io::Result<Audit> {
         let Some(path) = path else { return Ok(Audit(None)) };
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| anyhow::anyhow!("opening audit log {}: {e}", path.display()))?;
+            .map_err(|e| std::io::Error::new(e.kind(), format!("opening audit log {}: {e}", path.display())))?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let counter = dropped.clone();

@@ -230,9 +230,9 @@ pub fn run_worker(
     dp: &DataPlane,
     env: Env,
     rx: mpsc::UnboundedReceiver<Cmd>,
-    control_plane: impl FnOnce() -> anyhow::Result<()>,
+    control_plane: impl FnOnce() -> io::Result<()>,
     halt: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> io::Result<()> {
     match kind {
         BackendKind::Uring => {
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -476,43 +476,33 @@ pub(crate) enum Entry<I> {
     Active(Rc<TunnelCtl>),
 }
 
-/// The worker's tunnel table: a slab indexed by connection, with the relay-wide connection id
-/// mapped to its slot once, at pairing and close time. The forwarding path never looks here.
+/// The worker's tunnel table: its connections by id, touched at pairing and close time only
+/// (the forwarding path never looks here).
 pub(crate) struct Table<I> {
-    pub(crate) slots: slab::Slab<(u64, Arc<str>, Entry<I>)>,
-    pub(crate) by_conn: HashMap<u64, usize>,
+    entries: HashMap<u64, (Arc<str>, Entry<I>)>,
     /// Parked client connections in arrival order, for the pairing deadline. An entry whose
     /// connection was paired or closed meanwhile is skipped when it comes up.
     pub(crate) waiting: std::collections::VecDeque<(tokio::time::Instant, u64)>,
     /// Close orders for connections whose client side had not reached this worker yet (the
     /// session ended between the relay admitting the connection and the hand-off): the client
-    /// side is answered with this code as soon as it arrives. Kept at most a pairing deadline.
+    /// side is answered with this reason as soon as it arrives. Kept at most a pairing deadline.
     pub(crate) closed_early: HashMap<u64, (tokio::time::Instant, CloseReason)>,
 }
 
 impl<I> Table<I> {
     pub(crate) fn new() -> Table<I> {
-        Table {
-            slots: slab::Slab::new(),
-            by_conn: HashMap::new(),
-            waiting: Default::default(),
-            closed_early: HashMap::new(),
-        }
+        Table { entries: HashMap::new(), waiting: Default::default(), closed_early: HashMap::new() }
     }
 
-    pub(crate) fn insert(&mut self, conn: u64, session: Arc<str>, entry: Entry<I>) -> usize {
-        let key = self.slots.insert((conn, session, entry));
-        self.by_conn.insert(conn, key);
-        key
+    pub(crate) fn insert(&mut self, conn: u64, session: Arc<str>, entry: Entry<I>) {
+        self.entries.insert(conn, (session, entry));
     }
 
     pub(crate) fn remove(&mut self, conn: u64) -> Option<(Arc<str>, Entry<I>)> {
-        let key = self.by_conn.remove(&conn)?;
-        let (_, session, entry) = self.slots.remove(key);
-        Some((session, entry))
+        self.entries.remove(&conn)
     }
 
     pub(crate) fn get(&self, conn: u64) -> Option<&Entry<I>> {
-        self.by_conn.get(&conn).map(|&k| &self.slots[k].2)
+        self.entries.get(&conn).map(|(_, e)| e)
     }
 }
