@@ -29,12 +29,16 @@ pub(super) fn current() -> Rc<Driver> {
     DRIVER.with(|d| d.borrow().clone()).expect("the io_uring driver is installed on this worker")
 }
 
-/// A ring with the flags the driver relies on: one issuer thread, completions' deferred work
-/// run only when we ask (and flagged in the SQ ring so we know when to ask).
+/// A ring with the flags the driver relies on: one issuer thread; completions' task work runs
+/// when the worker next enters the kernel, without an interrupt (COOP_TASKRUN), flagged in the
+/// SQ ring so that we know when to ask for it. Not DEFER_TASKRUN: with it, this project's
+/// machine (Linux 6.18.44) stopped signalling the eventfd for deferred completions, so a
+/// sleeping worker noticed them only at some unrelated wake-up: 32 ms per 64-byte round trip in
+/// the load benchmark instead of ~0.1 ms (`benches/results/restructure.txt`).
 pub(super) fn new_ring(entries: u32) -> io::Result<IoUring> {
     IoUring::<squeue::Entry>::builder()
         .setup_single_issuer()
-        .setup_defer_taskrun()
+        .setup_coop_taskrun()
         .setup_taskrun_flag()
         .setup_cqsize(entries * 4)
         .build(entries)

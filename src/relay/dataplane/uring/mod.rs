@@ -1,12 +1,12 @@
 //! The io_uring backend written directly on the `io-uring` crate.
 //!
-//! One ring per worker (SINGLE_ISSUER, DEFER_TASKRUN), driven from the worker's tokio
+//! One ring per worker (SINGLE_ISSUER, COOP_TASKRUN), driven from the worker's tokio
 //! current-thread runtime. An operation likely to complete at once (a send, a receive after a
 //! full one) is submitted and reaped on the spot, so its bytes are still in cache when the codec
 //! or the send touches them. Receives that wait for data and cancellations are queued, and a
 //! driver task submits them once per pass of the run queue. Completions are also reaped before
-//! the runtime parks, and whenever the ring's eventfd (signalled when the kernel has deferred
-//! work for us) wakes the reactor.
+//! the runtime parks, and whenever the ring's eventfd (signalled when completions are posted)
+//! wakes the reactor.
 //!
 //! Receives pick their buffer from a provided buffer ring, so an idle direction holds no buffer:
 //! it has one receive armed in the kernel, nothing else. The codec rewrites the kernel-chosen
