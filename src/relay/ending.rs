@@ -203,25 +203,26 @@ pub enum Goodbye {
 /// A paired tunnel's end, decided in memory. See the module doc.
 #[derive(Debug, Default)]
 pub struct Ending {
-    /// The relay's order to stop: the first one wins, and both sides hear it.
-    order: Option<CloseReason>,
+    /// The relay's order to stop: the first one wins, and both sides hear it. Boxed, like the
+    /// device name below: every idle tunnel carries an `Ending`, seldom with either set.
+    order: Option<Box<CloseReason>>,
     /// The first pump to end, by its source side.
     first: Option<(Side, PumpEnd)>,
     /// Set while the device's agent is off its control connection: what the client hears if
     /// the device side drops meanwhile.
-    agent_gone: Option<String>,
+    agent_gone: Option<Box<str>>,
 }
 
 impl Ending {
     /// The relay orders the tunnel to stop (operator, expiry, device lost, idle, shutdown).
     /// A later order does not replace an earlier one.
     pub fn order(&mut self, reason: CloseReason) {
-        self.order.get_or_insert(reason);
+        self.order.get_or_insert_with(|| Box::new(reason));
     }
 
     /// The device's agent left its control connection (`Some(device)`) or came back (`None`).
     pub fn agent_link(&mut self, gone: Option<String>) {
-        self.agent_gone = gone;
+        self.agent_gone = gone.map(String::into_boxed_str);
     }
 
     /// Whether the relay has ordered a stop.
@@ -256,7 +257,7 @@ impl Ending {
                 }
                 if source == Side::Device {
                     match &self.agent_gone {
-                        Some(device) => CloseReason::DeviceLost(device.clone()),
+                        Some(device) => CloseReason::DeviceLost(device.to_string()),
                         None if !waited => return Goodbye::AwaitAgent,
                         None => CloseReason::Disconnected(source),
                     }
@@ -289,10 +290,10 @@ impl Ending {
     /// Why the connection ended, for the audit log and metrics.
     pub fn reason(&self) -> CloseReason {
         match (&self.order, self.first) {
-            (Some(order), Some((_, PumpEnd::Stopped)) | None) => order.clone(),
+            (Some(order), Some((_, PumpEnd::Stopped)) | None) => (**order).clone(),
             (_, Some((side, PumpEnd::Closed))) => CloseReason::Closed(side),
             (_, Some((Side::Device, PumpEnd::Gone))) if self.agent_gone.is_some() => {
-                CloseReason::DeviceLost(self.agent_gone.clone().unwrap_or_default())
+                CloseReason::DeviceLost(self.agent_gone.as_deref().unwrap_or_default().to_string())
             }
             (_, Some((side, PumpEnd::Gone))) => CloseReason::Disconnected(side),
             (_, Some((side, PumpEnd::DestinationGone))) => CloseReason::Disconnected(side.other()),
