@@ -4,8 +4,9 @@
 //!
 //! - [`ws`]: the sans-IO WebSocket frame codec — validation, in-place unmasking forwarder,
 //!   frame encoding. No IO; fuzzed and benchmarked on its own.
-//! - [`relay`]: the public server — control API, control channels, session table, and the
-//!   data plane (io_uring or epoll workers forwarding frames in place).
+//! - [`relay`]: the public server — control API, control channels, the session registry (a
+//!   trait; in memory by default), and the data plane (io_uring or epoll workers forwarding
+//!   frames in place). Its own module doc gives the one-way order of its parts.
 //! - [`agent`]: runs on the device; one control connection to the relay, dials only the
 //!   services its own configuration names.
 //! - [`client`]: `ringway connect` — starts a session and serves a local port.
