@@ -1,6 +1,7 @@
-//! The agent role: runs on the device, keeps one control connection to the relay (reconnecting
-//! with backoff and jitter), and for each connection the relay announces dials the named
-//! service locally and the session's device endpoint, then splices the two.
+//! The agent role: runs on the device, keeps one control connection to a relay (it may be given
+//! several: it starts on one at random and, when it loses it, tries the next, backing off with
+//! jitter once it went round them all), and for each connection the relay announces dials the
+//! named service locally and that relay's device endpoint, then splices the two.
 //!
 //! It reaches only the services its own command line names: whatever the relay asks, an
 //! unknown service name is refused here, on the device.
@@ -19,7 +20,8 @@ use crate::ws::CloseCode;
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    pub relay: RelayUrl,
+    /// The relays to connect to, one at a time (at least one).
+    pub relays: Vec<RelayUrl>,
     pub device: String,
     pub key: String,
     /// Service name → `host:port` on the device's side.
@@ -46,32 +48,51 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 struct Conflict(String);
 
 /// Runs the agent until the process ends.
+///
+/// With several relays it starts on one at random (a fleet spreads over them) and, when a
+/// control connection ends, goes on to the next one after a short pause; only once it has been
+/// round all of them without a connection that lasted does the pause grow (doubling, with
+/// jitter, up to [`MAX_BACKOFF`]).
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(!opts.relays.is_empty(), "no relay to connect to");
+    let mut at = rand::random_range(0..opts.relays.len());
     let mut backoff = MIN_BACKOFF;
+    // Relays tried since a control connection last lasted.
+    let mut failed_in_a_row = 0;
     loop {
+        let relay = &opts.relays[at];
         let began = Instant::now();
-        match control_session(&opts).await {
-            Ok(()) => tracing::warn!(device = opts.device, "relay closed the control connection"),
+        match control_session(&opts, relay).await {
+            Ok(()) => {
+                tracing::warn!(device = opts.device, relay = relay.authority, "relay closed the control connection")
+            }
             Err(e) if e.is::<Conflict>() => {
-                tracing::error!(device = opts.device, "{e:#}");
+                tracing::error!(device = opts.device, relay = relay.authority, "{e:#}");
                 backoff = MAX_BACKOFF;
             }
-            Err(e) => tracing::warn!(device = opts.device, "control connection: {e:#}"),
+            Err(e) => tracing::warn!(device = opts.device, relay = relay.authority, "control connection: {e:#}"),
         }
         if began.elapsed() > Duration::from_secs(10) {
             backoff = MIN_BACKOFF;
+            failed_in_a_row = 0;
         }
-        // Full jitter: a fleet that lost the same relay does not come back in lockstep.
-        let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-        tracing::info!(device = opts.device, "reconnecting in {wait:.1?}");
+        failed_in_a_row += 1;
+        at = (at + 1) % opts.relays.len();
+        // Round all relays once at the shortest pause; then back off. Full jitter either way: a
+        // fleet that lost the same relay does not come back in lockstep.
+        let pause = if failed_in_a_row < opts.relays.len() { MIN_BACKOFF } else { backoff };
+        let wait = pause.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        tracing::info!(device = opts.device, relay = opts.relays[at].authority, "reconnecting in {wait:.1?}");
         tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        if failed_in_a_row >= opts.relays.len() {
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 }
 
-async fn control_session(opts: &AgentOptions) -> anyhow::Result<()> {
+async fn control_session(opts: &AgentOptions, relay: &RelayUrl) -> anyhow::Result<()> {
     let path = format!("/api/v1/agent?device={}", opts.device);
-    let ws = peer::dial(&opts.relay, &path, &opts.key).await?;
+    let ws = peer::dial(relay, &path, &opts.key).await?;
     let limits = channel::Limits { max_message: 64 << 10, peer_masks: false, stall: RELAY_SILENCE };
     let mut ch = channel::channel(ws, limits);
     let hello = FromAgent::Hello {
@@ -79,7 +100,7 @@ async fn control_session(opts: &AgentOptions) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").into(),
     };
     ch.send(Outgoing::Text(serde_json::to_string(&hello)?))?;
-    tracing::info!(device = opts.device, relay = opts.relay.authority, "connected to relay");
+    tracing::info!(device = opts.device, relay = relay.authority, "connected to relay");
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<FromAgent>();
     loop {
         tokio::select! {
@@ -87,7 +108,9 @@ async fn control_session(opts: &AgentOptions) -> anyhow::Result<()> {
                 Some(Incoming::Ping | Incoming::Pong) => {}
                 Some(Incoming::Text(t)) => match serde_json::from_str::<ToAgent>(&t) {
                     Ok(ToAgent::Connect { session, conn, service, token }) => {
-                        tokio::spawn(connect(opts.clone(), session, conn, service, token, fail_tx.clone()));
+                        // The device side goes to the relay that asked for it.
+                        let target = (relay.clone(), opts.services.get(&service).cloned());
+                        tokio::spawn(connect(target, session, conn, service, token, fail_tx.clone()));
                     }
                     Err(e) => tracing::warn!("relay sent an unknown message ({e}): ignored"),
                 },
@@ -108,9 +131,10 @@ async fn control_session(opts: &AgentOptions) -> anyhow::Result<()> {
     }
 }
 
-/// Serves one announced connection: dial the service, then the relay, then splice.
+/// Serves one announced connection: dial the service (its configured address, if any), then
+/// the relay, then splice.
 async fn connect(
-    opts: AgentOptions,
+    (relay, addr): (RelayUrl, Option<String>),
     session: String,
     conn: u64,
     service: String,
@@ -121,17 +145,17 @@ async fn connect(
         tracing::warn!(session, conn, service, "{reason}");
         let _ = failures.send(FromAgent::ConnectFailed { session: session.clone(), conn, reason });
     };
-    let Some(addr) = opts.services.get(&service) else {
+    let Some(addr) = addr else {
         return fail(format!("service {service:?} is not configured on this device"));
     };
-    let tcp = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
+    let tcp = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return fail(format!("{e} at {addr}")),
         Err(_) => return fail(format!("timed out connecting to {addr}")),
     };
     let _ = tcp.set_nodelay(true);
     let path = format!("/api/v1/sessions/{session}/device?conn={conn}");
-    let ws = match peer::dial(&opts.relay, &path, &token).await {
+    let ws = match peer::dial(&relay, &path, &token).await {
         Ok(ws) => ws,
         Err(e) => {
             tracing::warn!(session, conn, "dialing the relay's device endpoint: {e:#}");

@@ -48,7 +48,7 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
     let mut services = BTreeMap::new();
     services.insert("web".to_string(), service.to_string());
     tokio::spawn(agent::run(AgentOptions {
-        relay: relay_url.clone(),
+        relays: vec![relay_url.clone()],
         device: "demo-device".into(),
         key: device_key.expose().to_string(),
         services,

@@ -50,9 +50,10 @@ enum Command {
     },
     /// Run the device agent: keep a control connection to the relay and serve the named services.
     Agent {
-        /// The relay, e.g. https://relay.example.net or http://127.0.0.1:8080
-        #[arg(long)]
-        relay: String,
+        /// The relay, e.g. https://relay.example.net or http://127.0.0.1:8080. Repeatable: the
+        /// agent starts on one at random and tries the others when it loses it.
+        #[arg(long, required = true)]
+        relay: Vec<String>,
         /// CA certificate (PEM) to verify an https:// relay with, instead of the system roots.
         #[arg(long)]
         ca: Option<PathBuf>,
@@ -182,8 +183,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Agent { relay, ca, device, key, services } => {
-            let relay = RelayUrl::parse_with_ca(&relay, ca.as_deref())?;
-            let opts = AgentOptions { relay, device, key, services: services.into_iter().collect() };
+            let relays = relay.iter().map(|r| RelayUrl::parse_with_ca(r, ca.as_deref())).collect::<Result<_, _>>()?;
+            let opts = AgentOptions { relays, device, key, services: services.into_iter().collect() };
             tokio_main(async move { agent::run(opts).await.map(|()| 0) })
         }
         Command::Connect { relay, ca, token, device, service, listen, exec, stdio, ttl } => {

@@ -226,3 +226,48 @@ fn the_demo_prints_its_self_check_line_within_20_seconds() {
     let _ = child.wait();
     assert!(ok, "no self-check line within 20 s; printed: {seen:?}");
 }
+
+/// Whether `relay` lists dev-1 as online.
+fn holds_device(relay: &Relay) -> bool {
+    let (status, body) = http(relay.addr, "GET", "/api/v1/devices", Some(OPERATOR_TOKEN), None);
+    status == 200 && body.contains(&format!(r#""id":"{DEVICE_ID}","online":true"#))
+}
+
+/// One echo round trip through a fresh session on `relay`.
+fn echo_through(relay: &Relay, what: &[u8]) {
+    let (_, url, token) = relay.start_session("echo", None);
+    let mut ws = ws_connect(&url, &token);
+    ws.send(tungstenite::Message::binary(what.to_vec())).unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::binary(what.to_vec()));
+}
+
+#[test]
+fn an_agent_given_two_relays_moves_to_the_other_when_its_relay_dies() {
+    let relays = [Relay::start("epoll", ""), Relay::start("epoll", "")];
+    let echo = echo_server();
+    let urls: Vec<String> = relays.iter().map(Relay::url).collect();
+    let mut agent = spawn_agent_on(&[&urls[0], &urls[1]], &[format!("echo={echo}")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let holder = loop {
+        if let Some(i) = (0..2).find(|&i| holds_device(&relays[i])) {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent reached neither relay: {}", agent.stderr());
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!holds_device(&relays[1 - holder]), "one agent, online on both relays");
+    echo_through(&relays[holder], b"through the first relay");
+
+    // The relay holding the device dies: the agent goes to the other one.
+    let [first, second] = relays;
+    let (mut gone, other) = if holder == 0 { (first, second) } else { (second, first) };
+    gone.proc.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !holds_device(&other) {
+        assert!(std::time::Instant::now() < deadline, "the agent never moved to the other relay: {}", agent.stderr());
+        thread::sleep(Duration::from_millis(50));
+    }
+    echo_through(&other, b"through the second relay");
+    assert!(agent.try_wait_ref().is_none(), "the agent exited: {}", agent.stderr());
+}

@@ -211,7 +211,16 @@ impl Relay {
 /// Starts an agent for dev-1 that dials `relay_url` (the relay, or a proxy in front of it),
 /// offering `services` (NAME=HOST:PORT); does not wait for it.
 pub fn spawn_agent(relay_url: &str, services: &[String]) -> Proc {
-    let mut args = vec!["agent".to_string(), "--relay".into(), relay_url.into(), "--device".into(), DEVICE_ID.into()];
+    spawn_agent_on(&[relay_url], services)
+}
+
+/// [`spawn_agent`] with several `--relay` URLs.
+pub fn spawn_agent_on(relay_urls: &[&str], services: &[String]) -> Proc {
+    let mut args = vec!["agent".to_string()];
+    for url in relay_urls {
+        args.extend(["--relay".into(), url.to_string()]);
+    }
+    args.extend(["--device".into(), DEVICE_ID.into()]);
     args.extend(["--key".into(), DEVICE_KEY.into()]);
     for s in services {
         args.extend(["--service".into(), s.clone()]);
