@@ -133,7 +133,20 @@ fn pings_from_a_peer_that_never_reads_neither_grow_the_relay_nor_keep_the_connec
     // Its writer gives up on the stalled write three keepalive periods after it began.
     let deadline = Instant::now() + Duration::from_secs(15);
     while relay.open_fds() > fds_before {
-        assert!(Instant::now() < deadline, "the relay holds {} fds, {fds_before} before", relay.open_fds());
+        assert!(
+            Instant::now() < deadline,
+            "the relay holds {} fds, {fds_before} before: {}",
+            relay.open_fds(),
+            relay.fd_report()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Nor does its kernel keep the socket (an orphan in FIN-WAIT-1 behind the zero window would
+    // hold up to a send buffer for minutes): the user timeout aborts it.
+    let (ours, theirs) = (s.local_addr().unwrap(), relay.addr);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Some(state) = tcp_state(theirs, ours) {
+        assert!(Instant::now() < deadline, "the relay's socket to the peer lingers in TCP state {state}");
         thread::sleep(Duration::from_millis(100));
     }
     done.store(true, Relaxed);

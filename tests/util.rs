@@ -203,6 +203,14 @@ impl Relay {
         proc_rss_kib(self.proc.pid())
     }
 
+    /// The relay's descriptors and its TCP sockets, for a failure message.
+    pub fn fd_report(&self) -> String {
+        let pid = self.proc.pid();
+        let script = format!("ls -l /proc/{pid}/fd; ss -tnpi | grep -A1 'pid={pid},'");
+        let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.proc.pid())).unwrap().count()
     }
@@ -365,6 +373,21 @@ pub fn read_to_close(s: &mut TcpStream, within: Duration) -> Result<Vec<u8>, Str
             Err(e) => return Err(format!("not closed within {within:?} ({e}) after {} bytes", got.len())),
         }
     }
+}
+
+/// The kernel's state of the IPv4 TCP socket bound to `local` and connected to `remote`, from
+/// /proc/net/tcp (1 ESTABLISHED, 4 FIN-WAIT-1, 7 CLOSE, …); `None` when no such socket exists.
+pub fn tcp_state(local: SocketAddr, remote: SocketAddr) -> Option<u8> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => format!("{:08X}:{:04X}", u32::from_le_bytes(a.ip().octets()), a.port()),
+        SocketAddr::V6(_) => unreachable!("the tests use IPv4 loopback"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    std::fs::read_to_string("/proc/net/tcp").unwrap().lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&local.as_str()) && f.get(2) == Some(&remote.as_str()))
+            .then(|| u8::from_str_radix(f[3], 16).unwrap())
+    })
 }
 
 /// An order-sensitive checksum of a byte stream, fed in any chunking.

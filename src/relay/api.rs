@@ -61,6 +61,14 @@ pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, w
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Data the peer does not acknowledge for this long aborts the connection, also after
+        // the relay closed it: a peer that stops reading its control connection is dropped after
+        // three keepalive periods, and without this its socket would linger in the kernel
+        // (FIN-WAIT-1 behind a zero window) holding up to a send buffer, for minutes. Data
+        // connections leave it at the system default when they reach the data plane (a tunnel
+        // may legitimately wait on a slow reader).
+        let stall = Duration::from_secs(relay.config.limits.keepalive_secs) * channels::MISSED_PINGS;
+        let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(stall));
         let relay = relay.clone();
         tokio::task::spawn_local(async move {
             let _permit = (permit, share);

@@ -25,7 +25,7 @@ use crate::ws::CloseCode;
 /// not keeping up, and new connections to its device fail at once (4001).
 const AGENT_QUEUE: usize = 1024;
 /// A connection that misses this many pings in a row is dead.
-const MISSED_PINGS: u32 = 3;
+pub(crate) const MISSED_PINGS: u32 = 3;
 /// How long an agent gets to send its hello.
 const HELLO_WITHIN: Duration = Duration::from_secs(10);
 /// Services an agent may name, and how long a name may be.

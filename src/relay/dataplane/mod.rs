@@ -123,8 +123,10 @@ pub(crate) fn shut_down(fd: std::os::fd::BorrowedFd<'_>) {
     let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
 }
 
-/// Socket options every data connection gets: no Nagle delay, and TCP keepalive so that a
-/// peer that vanished without a FIN is noticed (about 2 minutes) even on an otherwise quiet tunnel.
+/// Socket options every data connection gets: no Nagle delay, TCP keepalive so that a peer that
+/// vanished without a FIN is noticed (about 2 minutes) even on an otherwise quiet tunnel, and
+/// the system's default user timeout again (the accept loop sets a short one for control
+/// connections; a tunnel may wait on a slow reader for as long as its peers keep the link up).
 pub(crate) fn tune(stream: &impl std::os::fd::AsFd) -> io::Result<()> {
     let sock = socket2::SockRef::from(stream);
     sock.set_tcp_nodelay(true)?;
@@ -132,7 +134,8 @@ pub(crate) fn tune(stream: &impl std::os::fd::AsFd) -> io::Result<()> {
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10))
         .with_retries(6);
-    sock.set_tcp_keepalive(&keepalive)
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(None)
 }
 
 /// One side of a tunnel: a socket of the worker's backend, or a TLS connection.
