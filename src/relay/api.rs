@@ -67,8 +67,7 @@ pub async fn accept_loop(listener: tokio::net::TcpListener, relay: Arc<Relay>, w
         // (FIN-WAIT-1 behind a zero window) holding up to a send buffer, for minutes. Data
         // connections leave it at the system default when they reach the data plane (a tunnel
         // may legitimately wait on a slow reader).
-        let stall = Duration::from_secs(relay.config.limits.keepalive_secs) * channels::MISSED_PINGS;
-        let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(stall));
+        let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(channels::stall(&relay)));
         let relay = relay.clone();
         tokio::task::spawn_local(async move {
             let _permit = (permit, share);
@@ -337,16 +336,11 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
     let token = bearer(&req).unwrap_or("");
     let conn: ClientConn =
         relay.registry.client_conn(&session, token, peer).map_err(|r| Box::new(refused(&relay, r)))?;
-    let abandoned = |why: &str| {
-        let end = ConnEnd::before_forwarding(CloseReason::Abandoned(why.to_string()));
-        relay.registry.conn_ended(&conn.session, conn.conn, end);
-    };
-    let (resp, fut) = upgrade(&relay, &mut req).inspect_err(|_| abandoned("not a valid WebSocket upgrade"))?;
+    let (resp, fut) =
+        upgrade(&relay, &mut req).inspect_err(|_| abandon(&relay, &conn, "not a valid WebSocket upgrade"))?;
     tokio::task::spawn_local(async move {
         let Some((stream, leftover)) = take_socket(fut).await else {
-            let end = ConnEnd::before_forwarding(CloseReason::Abandoned("the upgrade did not complete".into()));
-            relay.registry.conn_ended(&conn.session, conn.conn, end);
-            return;
+            return abandon(&relay, &conn, "the upgrade did not complete");
         };
         tracing::debug!(session = %conn.session, conn = conn.conn, %peer, "client connection");
         relay
@@ -355,6 +349,12 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
         relay.registry.announce_conn(&conn);
     });
     Ok(resp)
+}
+
+/// An admitted client connection that never reached the data plane: its end is reported.
+fn abandon(relay: &Relay, conn: &ClientConn, why: &str) {
+    let end = ConnEnd::before_forwarding(CloseReason::Abandoned(why.to_string()));
+    relay.registry.conn_ended(&conn.session, conn.conn, end);
 }
 
 async fn device_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Upgrade {

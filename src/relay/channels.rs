@@ -25,7 +25,7 @@ use crate::ws::CloseCode;
 /// not keeping up, and new connections to its device fail at once (4001).
 const AGENT_QUEUE: usize = 1024;
 /// A connection that misses this many pings in a row is dead.
-pub(crate) const MISSED_PINGS: u32 = 3;
+const MISSED_PINGS: u32 = 3;
 /// How long an agent gets to send its hello.
 const HELLO_WITHIN: Duration = Duration::from_secs(10);
 /// Services an agent may name, and how long a name may be.
@@ -36,12 +36,14 @@ fn open(ws: Ws, relay: &Relay) -> Channel {
     let limits = &relay.config.limits;
     channel::channel(
         ws,
-        channel::Limits {
-            max_message: limits.max_control_message_bytes,
-            peer_masks: true,
-            stall: keepalive(relay) * MISSED_PINGS,
-        },
+        channel::Limits { max_message: limits.max_control_message_bytes, peer_masks: true, stall: stall(relay) },
     )
+}
+
+/// How long a control connection's peer may leave the relay's writes unread (or unacknowledged:
+/// the accept loop sets it as the socket's TCP user timeout) before it is dropped.
+pub(crate) fn stall(relay: &Relay) -> Duration {
+    keepalive(relay) * MISSED_PINGS
 }
 
 /// A Close rendered from its reason.
@@ -87,11 +89,15 @@ impl Keepalive {
 /// Counts and logs a peer the channel dropped (a violation, or not reading); an ordinary end is
 /// neither.
 fn dropped(relay: &Relay, what: &str, incoming: &Incoming) {
-    let why = match incoming {
-        Incoming::Violation(code, reason) => format!("closed it with {code}: {reason}"),
-        Incoming::Stalled => "it stopped reading; dropped".to_string(),
-        _ => return,
-    };
+    match incoming {
+        Incoming::Violation(code, reason) => drop_peer(relay, what, format_args!("closed it with {code}: {reason}")),
+        Incoming::Stalled => drop_peer(relay, what, "it stopped reading; dropped"),
+        _ => {}
+    }
+}
+
+/// Counts and logs a control connection the relay drops.
+fn drop_peer(relay: &Relay, what: &str, why: impl std::fmt::Display) {
     relay.metrics.control_dropped.fetch_add(1, Relaxed);
     tracing::warn!("{what}: {why}");
 }
@@ -169,8 +175,7 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
             },
             _ = alive.due() => {
                 if let Err(why) = alive.ping(&ch) {
-                    relay.metrics.control_dropped.fetch_add(1, Relaxed);
-                    tracing::warn!("{who}: {why}; dropped");
+                    drop_peer(&relay, &who, format_args!("{why}; dropped"));
                     break;
                 }
             }
@@ -260,8 +265,7 @@ pub async fn session_control(ws: Ws, relay: Arc<Relay>, ready: SessionEvent, mut
                 // A client that vanished without a FIN, or stopped reading: the session's
                 // grace period starts.
                 if let Err(why) = alive.ping(&ch) {
-                    relay.metrics.control_dropped.fetch_add(1, Relaxed);
-                    tracing::warn!("session control: {why}; dropped");
+                    drop_peer(&relay, "session control", format_args!("{why}; dropped"));
                     return;
                 }
             }

@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::DataPlane;
-use crate::relay::ending::CloseReason;
+use crate::relay::ending::{self, CloseReason};
 use crate::relay::handoff::{Cmd, ConnEnd, ConnEnds, DataSocket};
 use crate::relay::metrics::Metrics;
 use tunnel::{Entry, Table, TunnelCtl};
@@ -295,7 +295,7 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                     drop(t);
                     let env = env.clone();
                     tokio::task::spawn_local(async move {
-                        tunnel::refuse(client, &reason).await;
+                        tunnel::refuse(client, ending::Side::Client, &reason).await;
                         env.ends.conn_ended(&session, conn, ConnEnd::before_forwarding(reason));
                     });
                     continue;
@@ -317,7 +317,9 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                 };
                 let pending = matches!(table.borrow().get(conn), Some(Entry::Pending { .. }));
                 if !pending {
-                    tokio::task::spawn_local(async move { tunnel::refuse(device, &CloseReason::NotAwaited).await });
+                    tokio::task::spawn_local(async move {
+                        tunnel::refuse(device, ending::Side::Device, &CloseReason::NotAwaited).await
+                    });
                     continue;
                 }
                 let Some((session, Entry::Pending { client, leftover: client_leftover })) =
@@ -403,7 +405,7 @@ async fn close_pending<B: Backend>(table: &RefCell<Table<Side<B::Io>>>, env: &En
         }
     };
     if let Some((session, Entry::Pending { client, .. })) = removed {
-        tunnel::refuse(client, &reason).await;
+        tunnel::refuse(client, ending::Side::Client, &reason).await;
         env.ends.conn_ended(&session, conn, ConnEnd::before_forwarding(reason));
     }
 }

@@ -461,9 +461,9 @@ async fn idle_watch(moved: &Moved, ctl: &TunnelCtl, idle: Duration) {
     }
 }
 
-/// Sends a Close to a connection that never got paired, then closes it.
-pub(crate) async fn refuse<I: Io>(io: I, reason: &CloseReason) {
-    let farewell = reason.farewell_to(Side::Client);
+/// Sends a Close to a side (`to`) that never got paired, then closes it.
+pub(crate) async fn refuse<I: Io>(io: I, to: Side, reason: &CloseReason) {
+    let farewell = reason.farewell_to(to);
     let _ = io.write_owned(farewell.frame().as_bytes().to_vec()).await;
     io.shutdown();
 }
