@@ -28,13 +28,31 @@ pub struct ConnectOptions {
 
 /// A started session with its control connection watched.
 pub struct Session {
+    /// Where the control API is (`--relay`).
     pub relay: RelayUrl,
     pub started: SessionStarted,
     operator_token: String,
     /// Becomes `Some((code, reason))` when the session ends (the relay ended it, or its control
     /// connection could not be re-attached within the relay's grace period).
     pub ended: watch::Receiver<Option<(u16, String)>>,
+    home: std::sync::Arc<std::sync::Mutex<Home>>,
+}
+
+/// Where the session lives: the relay node its `client_url` names (in a cluster, the node
+/// holding the device; it changes when the device moves) and the data path there.
+#[derive(Clone)]
+struct Home {
+    node: RelayUrl,
     data_path: String,
+}
+
+impl Home {
+    fn of(api: &RelayUrl, client_url: &str) -> anyhow::Result<Home> {
+        let (node, data_path) = api.at(client_url)?;
+        // A single relay answers with the name it was reached by: keep `--relay` as given.
+        let node = if node.authority == api.authority { api.clone() } else { node };
+        Ok(Home { node, data_path })
+    }
 }
 
 /// Without a word from the relay (it pings every 10 s) for this long, the control connection
@@ -55,16 +73,18 @@ impl Session {
             .await
             .context("starting a session")?;
         let started: SessionStarted = serde_json::from_slice(&resp).context("the relay's session answer")?;
-        let data_path = peer::url_path(&started.client_url)?;
+        let home = std::sync::Arc::new(std::sync::Mutex::new(Home::of(&opts.relay, &started.client_url)?));
         let control = Control {
-            relay: opts.relay.clone(),
-            path: format!("/api/v1/sessions/{}/control", started.id),
+            api: opts.relay.clone(),
+            operator_token: opts.token.clone(),
+            home: home.clone(),
+            id: started.id.clone(),
             token: started.client_token.clone(),
         };
-        let ws = peer::dial(&control.relay, &control.path, &control.token).await?;
+        let ws = peer::dial(&control.node(), &control.path(), &control.token).await?;
         let (ended_tx, ended) = watch::channel(None);
         tokio::spawn(control.keep(ws, ended_tx));
-        Ok(Session { relay: opts.relay.clone(), started, operator_token: opts.token.clone(), ended, data_path })
+        Ok(Session { relay: opts.relay.clone(), started, operator_token: opts.token.clone(), ended, home })
     }
 
     /// Opens one data connection and splices `r`/`w` over it until both sides are done.
@@ -73,7 +93,8 @@ impl Session {
         R: tokio::io::AsyncRead + Unpin + Send + 'static,
         W: tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let ws = peer::dial(&self.relay, &self.data_path, &self.started.client_token).await?;
+        let home = self.home.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ws = peer::dial(&home.node, &home.data_path, &self.started.client_token).await?;
         Ok(peer::splice(r, w, ws).await)
     }
 
@@ -110,8 +131,11 @@ impl Session {
 
 /// The session's control connection, kept for the life of the session.
 struct Control {
-    relay: RelayUrl,
-    path: String,
+    /// The control API, asked where the session lives when its node is lost.
+    api: RelayUrl,
+    operator_token: String,
+    home: std::sync::Arc<std::sync::Mutex<Home>>,
+    id: String,
     token: String,
 }
 
@@ -124,6 +148,37 @@ enum Attachment {
 }
 
 impl Control {
+    fn node(&self) -> RelayUrl {
+        self.home.lock().unwrap_or_else(|p| p.into_inner()).node.clone()
+    }
+
+    fn path(&self) -> String {
+        format!("/api/v1/sessions/{}/control", self.id)
+    }
+
+    /// Asks the control API where the session lives now (a cluster moves it with its device);
+    /// follows it there. Best effort: a single relay's answer has no `client_url`.
+    async fn relocate(&self) {
+        let path = format!("/api/v1/sessions/{}", self.id);
+        let Ok(body) = peer::api(&self.api, Method::GET, &path, &self.operator_token, None).await else { return };
+        let Ok(info) = serde_json::from_slice::<crate::proto::SessionInfo>(&body) else { return };
+        let Some(url) = info.client_url else { return };
+        match Home::of(&self.api, &url) {
+            Ok(home) => {
+                let mut current = self.home.lock().unwrap_or_else(|p| p.into_inner());
+                if current.node.authority != home.node.authority {
+                    tracing::info!(
+                        node = info.node.as_deref().unwrap_or("?"),
+                        at = home.node.authority,
+                        "the session moved"
+                    );
+                    *current = home;
+                }
+            }
+            Err(e) => tracing::debug!("the session's new client_url: {e:#}"),
+        }
+    }
+
     /// Follows the control connection; when it drops without the session ending, re-attaches
     /// (with backoff) within the relay's grace period, so a network blip ends no tunnel.
     async fn keep(self, mut ws: peer::Ws, ended: watch::Sender<Option<(u16, String)>>) {
@@ -147,7 +202,8 @@ impl Control {
                 }
                 tokio::time::sleep(backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                match peer::dial(&self.relay, &self.path, &self.token).await {
+                self.relocate().await;
+                match peer::dial(&self.node(), &self.path(), &self.token).await {
                     Ok(ws) => {
                         tracing::info!("re-attached to the session");
                         break ws;

@@ -9,6 +9,11 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+/// Returns a [`ConfigError::Invalid`] from `validate`.
+macro_rules! invalid {
+    ($($arg:tt)*) => { return Err(ConfigError::Invalid(format!($($arg)*))) };
+}
+
 /// A credential from the config or minted by the relay. Compared in constant time; its
 /// `Debug` and `Display` print a mask, never the value.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -277,6 +282,96 @@ pub struct Config {
     /// Serve `https://`/`wss://` with this certificate and key; absent: plain HTTP.
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// One node of a cluster whose registry is on NATS JetStream; absent: a single node with
+    /// its registry in memory.
+    #[serde(default)]
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`: this node's name and address, the NATS servers holding the shared registry,
+/// and the key the nodes sign their registry records with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// NATS servers with JetStream (several: a NATS cluster).
+    pub nats: Vec<String>,
+    /// How agents and clients reach this node directly (`http://` or `https://`, host and port;
+    /// port 0 stands for the port the relay listens on).
+    pub advertise: String,
+    /// One name in front of all nodes. Not built yet: refused with a message saying so.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// What the nodes share and nobody else has: every registry record and every request
+    /// between nodes carries an HMAC made with it, so holding NATS credentials alone opens no
+    /// tunnel.
+    pub peer_key: Secret,
+    /// NATS authentication: a token, or a credentials file (JWT + NKey seed).
+    #[serde(default)]
+    pub nats_token: Option<Secret>,
+    #[serde(default)]
+    pub nats_credentials: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) to verify `tls://` NATS servers with.
+    #[serde(default)]
+    pub nats_ca: Option<std::path::PathBuf>,
+    /// A node not heard from for this long is dead: its devices show offline and other nodes
+    /// take over its agents and sessions. A node that cannot reach NATS for this long closes
+    /// its agents' control connections (it can no longer prove it owns their devices).
+    #[serde(default = "Cluster::default_lifetime")]
+    pub node_lifetime_secs: u64,
+    /// Prefix of the NATS key-value buckets and subjects; several clusters may share one NATS.
+    #[serde(default = "Cluster::default_name")]
+    pub name: String,
+}
+
+impl Cluster {
+    fn default_lifetime() -> u64 {
+        10
+    }
+
+    fn default_name() -> String {
+        "ringway".into()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let token = |s: &str| {
+            !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        };
+        if !token(&self.node) {
+            invalid!("cluster.node {:?}: use 1 to 64 letters, digits, '-' and '_'", self.node);
+        }
+        if !token(&self.name) {
+            invalid!("cluster.name {:?}: use 1 to 64 letters, digits, '-' and '_'", self.name);
+        }
+        if self.nats.is_empty() {
+            invalid!("cluster.nats lists no NATS server");
+        }
+        if !(self.advertise.starts_with("http://") || self.advertise.starts_with("https://"))
+            || self.advertise.trim_start_matches("http://").trim_start_matches("https://").contains('/')
+        {
+            invalid!(
+                "cluster.advertise {:?}: give http(s)://HOST:PORT, how agents and clients reach this node",
+                self.advertise
+            );
+        }
+        if self.public_url.is_some() {
+            invalid!(
+                "cluster.public_url: forwarding between nodes behind one name is not built yet; leave it out \
+                 (clients then go straight to the node holding the device)"
+            );
+        }
+        if self.peer_key.expose().len() < 16 {
+            invalid!("cluster.peer_key is shorter than 16 characters");
+        }
+        if self.nats_token.is_some() && self.nats_credentials.is_some() {
+            invalid!("give either cluster.nats_token or cluster.nats_credentials, not both");
+        }
+        if !(3..=300).contains(&self.node_lifetime_secs) {
+            invalid!("cluster.node_lifetime_secs {} is outside 3..=300", self.node_lifetime_secs);
+        }
+        Ok(())
+    }
 }
 
 /// Why a relay configuration was refused. Messages name the line, key or limit, never a secret.
@@ -292,11 +387,6 @@ pub enum ConfigError {
     /// Well-formed, but a value or a combination of values the relay refuses.
     #[error("{0}")]
     Invalid(String),
-}
-
-/// Returns a [`ConfigError::Invalid`] from `validate`.
-macro_rules! invalid {
-    ($($arg:tt)*) => { return Err(ConfigError::Invalid(format!($($arg)*))) };
 }
 
 impl Config {
@@ -379,6 +469,9 @@ impl Config {
             if secs > TEN_YEARS {
                 invalid!("limits.{key} is over ten years");
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         Ok(())
     }

@@ -111,6 +111,22 @@ impl RelayUrl {
     }
 }
 
+impl RelayUrl {
+    /// The relay node a full URL (a session's `client_url`) names, reached the way this one is
+    /// (plain, or TLS verified against the same roots), and the URL's path.
+    pub fn at(&self, url: &str) -> anyhow::Result<(RelayUrl, String)> {
+        let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+        let host = uri.host().ok_or_else(|| anyhow!("{url} has no host"))?;
+        let port = uri.port_u16().unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let node = RelayUrl {
+            authority: format!("{host}:{port}"),
+            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            tls: self.tls.clone(),
+        };
+        Ok((node, url_path(url)?))
+    }
+}
+
 /// The path and query of a full URL (as the relay returns in `client_url`).
 pub fn url_path(s: &str) -> anyhow::Result<String> {
     let uri: hyper::Uri = s.parse().with_context(|| format!("{s:?} is not a URL"))?;

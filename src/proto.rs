@@ -81,6 +81,12 @@ pub struct SessionInfo {
     pub connections: usize,
     pub bytes_to_device: u64,
     pub bytes_to_client: u64,
+    /// Cluster only: the node the session lives on (its device's node), and where its client
+    /// connects now (it changes when the device moves to another node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_url: Option<String>,
 }
 
 /// A device in `GET /api/v1/devices`.
@@ -92,6 +98,9 @@ pub struct DeviceInfo {
     /// Unix seconds since the current control connection came up.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connected_since: Option<u64>,
+    /// Cluster only: the node holding the device's agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Every error body of the control API.

@@ -1,36 +1,11 @@
 //! The remote-access flow end to end: relay, agent and `ringway connect` as separate processes.
 
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 use crate::util::*;
-
-/// A device-side service that, per connection, sends `len` bytes of `Noise(seed)` while it
-/// reads everything the client sends; reports the checksum of what it read.
-fn source_sink_service(len: u64, seed: u64) -> (SocketAddr, mpsc::Receiver<(u64, u64)>, (u64, u64)) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let expected = send_noise(&mut std::io::sink(), seed, len);
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            let tx = tx.clone();
-            let mut w = s.try_clone().unwrap();
-            thread::spawn(move || {
-                send_noise(&mut w, seed, len);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-            thread::spawn(move || {
-                let mut r = s;
-                let _ = tx.send(read_all_sum(&mut r));
-            });
-        }
-    });
-    (addr, rx, expected)
-}
 
 fn bulk_each_way(backend: &str) {
     const LEN: u64 = 256 << 20;

@@ -3,6 +3,7 @@
 mod util;
 
 mod abuse;
+mod cluster;
 mod codec_differential;
 mod control_channels;
 mod e2e;

@@ -118,6 +118,11 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(backend: &str, extra_config: &str) -> Relay {
+        Relay::start_at("127.0.0.1", backend, extra_config)
+    }
+
+    /// A relay listening on `ip` (any of 127/8: several stand in for several hosts).
+    pub fn start_at(ip: &str, backend: &str, extra_config: &str) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("relay.toml");
         std::fs::write(
@@ -129,9 +134,10 @@ impl Relay {
             ),
         )
         .unwrap();
+        let listen = format!("{ip}:0");
         let (proc, addr) = Proc::spawn(
             "relay",
-            &["relay", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap(), "--backend", backend],
+            &["relay", "--listen", &listen, "--config", config.to_str().unwrap(), "--backend", backend],
             true,
         );
         Relay { proc, addr: addr.unwrap(), dir }
@@ -454,6 +460,31 @@ pub fn read_all_sum(r: &mut impl Read) -> (u64, u64) {
         }
     }
     sum.finish()
+}
+
+/// A device-side service that, per connection, sends `len` bytes of `Noise(seed)` while it
+/// reads everything the client sends; reports the checksum of what it read.
+pub fn source_sink_service(len: u64, seed: u64) -> (SocketAddr, mpsc::Receiver<(u64, u64)>, (u64, u64)) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let expected = send_noise(&mut std::io::sink(), seed, len);
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let tx = tx.clone();
+            let mut w = s.try_clone().unwrap();
+            thread::spawn(move || {
+                send_noise(&mut w, seed, len);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+            thread::spawn(move || {
+                let mut r = s;
+                let _ = tx.send(read_all_sum(&mut r));
+            });
+        }
+    });
+    (addr, rx, expected)
 }
 
 /// A TCP echo server on 127.0.0.1:0, one thread per connection.

@@ -185,9 +185,16 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
         (&Method::GET, ["healthz"] | ["api", "v1", "healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         (&Method::GET, ["metrics"] | ["api", "v1", "metrics"]) => {
             let (sessions, agents) = relay.registry.counts();
+            let mut text = relay.metrics.render(sessions, agents);
+            if let Some(cluster) = relay.registry.cluster_metrics() {
+                text.push_str(&cluster);
+            }
+            if let Some(c) = &relay.config.cluster {
+                text = super::metrics::labelled(&text, "node", &c.node);
+            }
             Response::builder()
                 .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-                .body(Full::new(Bytes::from(relay.metrics.render(sessions, agents))))
+                .body(Full::new(Bytes::from(text)))
                 .expect("static response parts")
         }
         (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay, peer).await.unwrap_or_else(|r| *r),
@@ -233,7 +240,7 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAdd
             if relay.shutting_down() {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down");
             }
-            match relay.registry.start_session(&operator, &peer.to_string(), start, &host) {
+            match relay.registry.start_session(&operator, &peer.to_string(), start, &host).await {
                 Ok(started) => {
                     tracing::info!(operator, session = started.id, "session started");
                     json(StatusCode::CREATED, &started)
@@ -246,13 +253,13 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAdd
             Some(info) => json(StatusCode::OK, &info),
             None => error(StatusCode::NOT_FOUND, "no such session"),
         },
-        (Method::DELETE, ["sessions", id]) => {
-            if relay.registry.close_session_as(caller, id) {
+        (Method::DELETE, ["sessions", id]) => match relay.registry.close_session_as(caller, id).await {
+            Ok(true) => {
                 Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).expect("static response parts")
-            } else {
-                error(StatusCode::NOT_FOUND, "no such session")
             }
-        }
+            Ok(false) => error(StatusCode::NOT_FOUND, "no such session"),
+            Err(r) => refused(&relay, r),
+        },
         (Method::GET, ["devices"]) => json(StatusCode::OK, &relay.registry.devices()),
         (_, ["sessions"] | ["sessions", _] | ["devices"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")

@@ -110,17 +110,23 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
 
     let (to_agent, mut from_relay) = mpsc::channel::<ToAgent>(AGENT_QUEUE);
     let (probe_tx, mut probes) = mpsc::channel::<oneshot::Sender<()>>(8);
-    let link = AgentLink { tx: to_agent, probe: probe_tx, addr };
+    let (close_tx, mut closes) = mpsc::channel::<CloseReason>(1);
+    let link = AgentLink { tx: to_agent, probe: probe_tx, close: close_tx, addr };
     let generation = loop {
-        match relay.registry.agent_claim(&device, &services, &link) {
+        match relay.registry.agent_claim(&device, &services, &link).await {
             Claim::Granted(g) => break g,
+            Claim::Unavailable(why) => {
+                tracing::warn!(device, %addr, "agent refused for now: {why}");
+                let _ = ch.send(close(CloseReason::Unavailable(why)));
+                return;
+            }
             Claim::Held { generation, addr: holder, probe } => {
                 if alive(&probe, keepalive(&relay).min(Duration::from_secs(5))).await {
                     relay.agent_refused(&device, addr, holder);
                     let _ = ch.send(close(CloseReason::DeviceConflict(holder.to_string())));
                     return;
                 }
-                if let Some(g) = relay.registry.agent_take_over(&device, generation, &services, &link) {
+                if let Some(g) = relay.registry.agent_take_over(&device, generation, &services, &link).await {
                     break g;
                 }
             }
@@ -148,6 +154,11 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
                     break;
                 }
             },
+            Some(reason) = closes.recv() => {
+                tracing::info!(device, %addr, "agent control connection closed: {reason}");
+                let _ = ch.send(close(reason));
+                break;
+            }
             Some(waiter) = probes.recv() => {
                 probing.push(waiter);
                 let _ = ch.send(Outgoing::Ping);

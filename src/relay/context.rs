@@ -11,6 +11,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::admission::Admission;
 use super::audit::{Audit, Record};
+use super::cluster::ClusterRegistry;
 use super::handoff::Workers;
 use super::metrics::Metrics;
 use super::registry::memory::MemoryRegistry;
@@ -37,18 +38,18 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// The context of a relay whose workers listen on `workers`, with the in-memory registry.
+    /// The context of a relay whose workers listen on `workers`, with the in-memory registry,
+    /// or the cluster's when the config has `[cluster]`.
     pub fn new(config: Config, workers: Workers) -> anyhow::Result<Relay> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let audit = Arc::new(Audit::open(config.audit.path.as_deref())?);
-        let registry = Arc::new(MemoryRegistry::new(
-            config.clone(),
-            metrics.clone(),
-            audit.clone(),
-            workers.clone(),
-            Arc::new(SystemClock),
-        ));
+        let local =
+            MemoryRegistry::new(config.clone(), metrics.clone(), audit.clone(), workers.clone(), Arc::new(SystemClock));
+        let registry: Arc<dyn Registry> = match &config.cluster {
+            None => Arc::new(local),
+            Some(_) => Arc::new(ClusterRegistry::start(config.clone(), local)?),
+        };
         let tls = match &config.tls {
             Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(&t.cert, &t.key)?)),
             None => None,

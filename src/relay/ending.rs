@@ -85,8 +85,15 @@ pub enum CloseReason {
     Abandoned(String),
     /// Agent control connection only: another agent holds the device (at this address).
     DeviceConflict(String),
-    /// Agent control connection only: a newer connection for the device took over.
+    /// Agent control connection only: a newer connection for the device took over (on this
+    /// node, or on another node of the cluster).
     AgentReplaced,
+    /// Agent control connection only: this cluster node cannot take the device now (it has no
+    /// registry); the agent tries again, or another node.
+    Unavailable(String),
+    /// Agent control connection only: this cluster node is draining or cut off from its
+    /// registry; the agent reconnects to another node (its tunnels keep running).
+    Moving(String),
     /// Session control connection only: a newer control connection replaced this one.
     ControlReplaced,
 }
@@ -96,9 +103,12 @@ impl CloseReason {
     pub fn code(&self) -> CloseCode {
         match self {
             CloseReason::Closed(_) | CloseReason::ControlReplaced => CloseCode::NORMAL,
-            CloseReason::Disconnected(_) | CloseReason::Idle(_) | CloseReason::ClientGone | CloseReason::Shutdown => {
-                CloseCode::GOING_AWAY
-            }
+            CloseReason::Disconnected(_)
+            | CloseReason::Idle(_)
+            | CloseReason::ClientGone
+            | CloseReason::Shutdown
+            | CloseReason::Moving(_) => CloseCode::GOING_AWAY,
+            CloseReason::Unavailable(_) => CloseCode::TRY_AGAIN_LATER,
             CloseReason::Violation(_, e) => e.close_code(),
             CloseReason::NotAwaited => CloseCode::POLICY_VIOLATION,
             CloseReason::PairTimeout
@@ -155,6 +165,8 @@ impl fmt::Display for CloseReason {
             }
             CloseReason::AgentReplaced => f.write_str("replaced by a newer agent connection for this device"),
             CloseReason::ControlReplaced => f.write_str("replaced by a newer control connection"),
+            CloseReason::Unavailable(why) => write!(f, "try again later: {why}"),
+            CloseReason::Moving(why) => write!(f, "reconnect to another node: {why}"),
         }
     }
 }
@@ -469,6 +481,12 @@ mod tests {
     }
 
     #[test]
+    fn row_1013_is_the_agent_control_connection_s_own() {
+        assert_eq!(CloseReason::Unavailable("no registry".into()).code().0, 1013);
+        assert_eq!(CloseReason::Moving("draining".into()).code().0, 1001);
+    }
+
+    #[test]
     fn a_destination_that_failed_ends_the_tunnel_as_its_disconnect() {
         let mut e = Ending::default();
         // The pump from the client failed writing to the device.
@@ -519,6 +537,8 @@ mod tests {
             CloseReason::DeviceConflict(String::new()),
             CloseReason::AgentReplaced,
             CloseReason::ControlReplaced,
+            CloseReason::Unavailable(String::new()),
+            CloseReason::Moving(String::new()),
         ];
         let mut used: std::collections::BTreeSet<u16> = reasons.iter().map(|r| r.code().0).collect();
         // The control channels' own: a binary message (crate::channel).

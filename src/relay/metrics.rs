@@ -160,3 +160,22 @@ impl Metrics {
         out
     }
 }
+
+/// Prometheus text with `name="value"` added to every sample (a cluster node's `node` label).
+pub fn labelled(text: &str, name: &str, value: &str) -> String {
+    let label = format!("{name}=\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut out = String::with_capacity(text.len() + text.len() / 4);
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            out.push_str(line);
+        } else if let Some((metric, rest)) = line.split_once('{') {
+            out.push_str(&format!("{metric}{{{label},{rest}"));
+        } else if let Some((metric, rest)) = line.split_once(' ') {
+            out.push_str(&format!("{metric}{{{label}}} {rest}"));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -8,6 +8,8 @@
 //!   data sockets to the data plane. `channels`: the agent and session JSON control channels.
 //! - `context`: what the control plane shares ([`Relay`]): config, metrics, audit, TLS, the
 //!   shutdown signal, and the session registry.
+//! - `cluster`: the registry shared by several nodes on NATS JetStream (with `[cluster]`); it
+//!   keeps this node's share in the in-memory registry.
 //! - `registry`: agents, sessions and connections behind the [`registry::Registry`] trait; the
 //!   in-memory implementation is the default.
 //! - `admission` (handshake shares, failed-login gate), `audit` (the JSON-lines log),
@@ -21,6 +23,7 @@ mod admission;
 pub(crate) mod api;
 mod audit;
 pub(crate) mod channels;
+pub mod cluster;
 pub mod context;
 pub mod dataplane;
 pub mod ending;

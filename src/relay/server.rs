@@ -30,12 +30,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// Graceful shutdown: stop accepting and refuse new sessions, let tunnels finish for up to
+    /// Graceful shutdown: stop accepting and refuse new sessions (a cluster node also sends its
+    /// agents to other nodes), let tunnels finish for up to
     /// `limits.drain_timeout_secs`, then close what is left with 1001, give the close frames a
     /// moment to go out, write out the audit log and end the relay's threads. Blocks.
     pub fn shutdown(&self) {
         let relay = &self.relay;
         relay.shutdown.send_replace(true);
+        relay.registry.drain();
         let active = || relay.metrics.tunnels_active.load(Relaxed);
         tracing::info!(tunnels = active(), "shutting down: draining tunnels");
         let drain_until = Instant::now() + Duration::from_secs(relay.config.limits.drain_timeout_secs);
@@ -47,6 +49,7 @@ impl Running {
         while active() > 0 && Instant::now() < close_until {
             std::thread::sleep(Duration::from_millis(20));
         }
+        relay.registry.stopped();
         relay.audit.close();
         tracing::info!(tunnels = active(), "relay stopped");
         self.halt.send_replace(true);
@@ -88,10 +91,20 @@ pub fn start(config: Config, listen: SocketAddr, backend: Option<BackendKind>) -
 }
 
 /// Starts the relay on a bound listener: the worker threads and the reaper. Returns at once.
-pub fn serve(config: Config, listener: std::net::TcpListener, backend: Option<BackendKind>) -> anyhow::Result<Running> {
+pub fn serve(
+    mut config: Config,
+    listener: std::net::TcpListener,
+    backend: Option<BackendKind>,
+) -> anyhow::Result<Running> {
     let backend = choose_backend(backend)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
+    if let Some(cluster) = &mut config.cluster {
+        // Port 0 in `advertise` stands for the port this relay listens on (`--listen HOST:0`).
+        if let Some(host) = cluster.advertise.strip_suffix(":0") {
+            cluster.advertise = format!("{host}:{}", addr.port());
+        }
+    }
     let workers = match config.dataplane.workers {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,

