@@ -6,6 +6,8 @@
 use std::io::{BufRead, BufReader};
 use std::net::{Shutdown, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -362,4 +364,120 @@ fn a_record_written_with_nats_credentials_alone_opens_nothing() {
     let (_, sessions) = json(&nodes[0], "GET", "/api/v1/sessions");
     assert_eq!(sessions, serde_json::json!([]), "a forged session is listed");
     assert_eq!(holder(&nodes[0]).as_deref(), Some("n1"), "a forged device record moved the device");
+}
+
+#[test]
+fn a_node_frozen_past_its_lifetime_comes_back_without_a_second_owner() {
+    let nats = Nats::start();
+    let cfg = "node_lifetime_secs = 3\n[limits]\nkeepalive_secs = 2\n";
+    let nodes = [node(&nats, "n1", 1, cfg), node(&nats, "n2", 2, cfg), node(&nats, "n3", 3, cfg)];
+    let echo_svc = echo_server();
+    let agent = spawn_agent_on(&[&nodes[1].url(), &nodes[2].url()], &[format!("echo={echo_svc}")]);
+    let first = wait_until("dev-1 online", Duration::from_secs(15), || holder(&nodes[0]));
+    let (frozen, other) = if first == "n2" { (1, 2) } else { (2, 1) };
+    let pid = nodes[frozen].proc.pid() as i32;
+
+    // SIGSTOP: the node misses its heartbeats; its device shows offline, then the agent gives
+    // up on the silent node and comes online on the other one.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let moved = wait_until("the agent moves to the other node", Duration::from_secs(60), || {
+        holder(&nodes[0]).filter(|h| *h != first)
+    });
+    assert_eq!(moved, if other == 1 { "n2" } else { "n3" }, "{}", agent.stderr());
+
+    // SIGCONT: the frozen node finds its device taken and holds no agent.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_until("the thawed node lets go of its agent", Duration::from_secs(10), || {
+        (metric(&nodes[frozen], "ringway_agents_connected") == 0).then_some(())
+    });
+    thread::sleep(Duration::from_secs(2));
+    for n in &nodes {
+        assert_eq!(holder(n).as_deref(), Some(moved.as_str()), "a node sees another owner");
+    }
+    assert_eq!(metric(&nodes[frozen], "ringway_agents_connected"), 0, "the device has two owners");
+    assert_eq!(metric(&nodes[other], "ringway_agents_connected"), 1);
+    let (status, started) = start_session(&nodes[frozen]);
+    assert_eq!(status, 201, "{started}");
+    assert!(started["client_url"].as_str().unwrap().contains(&nodes[other].addr.to_string()), "{started}");
+    let mut ws = ws_connect(started["client_url"].as_str().unwrap(), started["client_token"].as_str().unwrap());
+    echo(&mut ws, b"through the one owner");
+}
+
+/// A stand-in for an agent: its control connection (hello, answers pings), moving to the next
+/// URL when the connection ends, at once, until `stop`.
+fn sim_agent(urls: Vec<String>, id: String, key: String, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut at = 0;
+        while !stop.load(Relaxed) {
+            let url = format!("{}/api/v1/agent?device={id}", urls[at].replacen("http://", "ws://", 1));
+            if let Ok(mut ws) = try_ws_connect(&url, &key) {
+                let hello = r#"{"type":"hello","services":["echo"],"version":"sim"}"#;
+                let _ = ws.send(tungstenite::Message::text(hello));
+                ws.get_mut().set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                loop {
+                    match ws.read() {
+                        Ok(_) => {}
+                        Err(tungstenite::Error::Io(e))
+                            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                        {
+                            if stop.load(Relaxed) {
+                                return;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            } else {
+                thread::sleep(Duration::from_millis(100));
+            }
+            at = (at + 1) % urls.len();
+        }
+    })
+}
+
+#[test]
+fn two_hundred_agents_whose_node_dies_all_come_back_online_on_the_others() {
+    const AGENTS: usize = 200;
+    let devices: String =
+        (0..AGENTS).map(|i| format!("[[device]]\nid = \"sim-{i}\"\nkey = \"sim-key-{i:04}-secret\"\n")).collect();
+    let nats = Nats::start();
+    let cfg = format!("node_lifetime_secs = 3\n{devices}");
+    let mut nodes = [node(&nats, "n1", 1, &cfg), node(&nats, "n2", 2, &cfg), node(&nats, "n3", 3, &cfg)];
+    let online = |n: &Relay| -> Vec<(String, String)> {
+        let (_, devices) = json(n, "GET", "/api/v1/devices");
+        devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["online"] == true && d["id"].as_str().unwrap().starts_with("sim-"))
+            .map(|d| (d["id"].as_str().unwrap().to_string(), d["node"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let agents: Vec<_> = (0..AGENTS)
+        .map(|i| {
+            let next = if i % 2 == 0 { nodes[0].url() } else { nodes[2].url() };
+            sim_agent(vec![nodes[1].url(), next], format!("sim-{i}"), format!("sim-key-{i:04}-secret"), stop.clone())
+        })
+        .collect();
+    wait_until("all 200 online on n2", Duration::from_secs(30), || {
+        let on = online(&nodes[0]);
+        (on.len() == AGENTS && on.iter().all(|(_, n)| n == "n2")).then_some(())
+    });
+
+    // n2 dies: 200 agents reconnect at once, half to n1, half to n3.
+    nodes[1].proc.kill();
+    let t0 = Instant::now();
+    wait_until("all 200 back online on n1 and n3", Duration::from_secs(30), || {
+        let on = online(&nodes[0]);
+        (on.len() == AGENTS && on.iter().all(|(_, n)| n == "n1" || n == "n3")).then_some(())
+    });
+    println!("200 agents back online {:.1?} after their node died", t0.elapsed());
+    let held = metric(&nodes[0], "ringway_agents_connected") + metric(&nodes[2], "ringway_agents_connected");
+    assert_eq!(held, AGENTS as u64, "agents connected on n1 + n3");
+    assert_eq!(online(&nodes[2]).len(), AGENTS, "n3 sees the same");
+    stop.store(true, Relaxed);
+    for a in agents {
+        a.join().unwrap();
+    }
 }

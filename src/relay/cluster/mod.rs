@@ -186,9 +186,22 @@ impl Inner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let ok = self.heartbeat(&cluster).await;
+            // Other nodes call this one dead a lifetime after its last heartbeat: its agents
+            // must be gone before then, so that no device has two owners. Checked before the
+            // next write: a node that was frozen (SIGSTOP, a VM pause) must assume its devices
+            // were taken meanwhile.
             let silent = self.last_ok.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
-            match ok {
+            if silent > lifetime * 3 / 4 && !self.health.fenced.swap(true, Relaxed) {
+                tracing::warn!(
+                    node = self.node,
+                    "cut off from the cluster registry for {silent:.1?}: sending agents to other nodes"
+                );
+                for a in self.local.agents() {
+                    self.local
+                        .evict_agent(&a.device, CloseReason::Moving("relay node cut off from its cluster".into()));
+                }
+            }
+            match self.heartbeat(&cluster).await {
                 Ok(()) => {
                     if self.health.fenced.swap(false, Relaxed) {
                         tracing::info!(node = self.node, "cluster registry reachable again: taking agents");
@@ -197,15 +210,6 @@ impl Inner {
                 Err(e) => {
                     self.health.errors.fetch_add(1, Relaxed);
                     tracing::warn!(node = self.node, "heartbeat failed ({e}); registry silent for {silent:.1?}");
-                }
-            }
-            // Other nodes call this one dead a lifetime after its last heartbeat: its agents
-            // must be gone before then, so that no device has two owners.
-            if silent > lifetime * 3 / 4 && !self.health.fenced.swap(true, Relaxed) {
-                tracing::warn!(node = self.node, "cut off from the cluster registry: sending agents to other nodes");
-                for a in self.local.agents() {
-                    self.local
-                        .evict_agent(&a.device, CloseReason::Moving("relay node cut off from its cluster".into()));
                 }
             }
         }
