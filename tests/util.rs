@@ -9,7 +9,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -719,3 +720,111 @@ impl BlipProxy {
         n
     }
 }
+
+// ---- the cluster: a real nats-server, relay nodes on 127.0.0.x, simulated agents ----
+
+pub const PEER_KEY: &str = "peer-key-for-the-cluster-tests";
+
+/// A `nats-server` with JetStream on a free port of 127.0.0.1, its store in a temp dir.
+pub struct Nats {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let mut nats = Nats { child: None, port: 0, dir: tempfile::tempdir().unwrap() };
+        nats.run();
+        nats
+    }
+
+    /// Starts the server (again: same port, same store).
+    pub fn run(&mut self) {
+        let port = if self.port == 0 { "-1".to_string() } else { self.port.to_string() };
+        let store = self.dir.path().to_str().unwrap().to_string();
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd", &store])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting nats-server (bash .ci/run installs it): {e}"));
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in err.lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                    let _ = tx.send(addr.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap());
+                }
+                if line.contains("Server is ready") {
+                    let _ = tx.send(0);
+                }
+            }
+        });
+        let port = rx.recv_timeout(Duration::from_secs(20)).expect("nats-server did not start listening");
+        rx.recv_timeout(Duration::from_secs(20)).expect("nats-server never said it is ready");
+        self.port = port;
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A relay node `name` on 127.0.0.`host`.
+pub fn node(nats: &Nats, name: &str, host: u8, extra: &str) -> Relay {
+    let ip = format!("127.0.0.{host}");
+    let config = format!(
+        "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"http://{ip}:0\"\npeer_key = \"{PEER_KEY}\"\n{extra}",
+        nats.url()
+    );
+    Relay::start_at(&ip, "epoll", &config)
+}
+
+/// A stand-in for an agent: its control connection (hello, answers pings), moving to the next
+/// URL when the connection ends, at once, until `stop`.
+pub fn sim_agent(urls: Vec<String>, id: String, key: String, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut at = 0;
+        while !stop.load(Relaxed) {
+            let url = format!("{}/api/v1/agent?device={id}", urls[at].replacen("http://", "ws://", 1));
+            if let Ok(mut ws) = try_ws_connect(&url, &key) {
+                let hello = r#"{"type":"hello","services":["echo"],"version":"sim"}"#;
+                let _ = ws.send(tungstenite::Message::text(hello));
+                ws.get_mut().set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                loop {
+                    match ws.read() {
+                        Ok(_) => {}
+                        Err(tungstenite::Error::Io(e))
+                            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                        {
+                            if stop.load(Relaxed) {
+                                return;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            } else {
+                thread::sleep(Duration::from_millis(100));
+            }
+            at = (at + 1) % urls.len();
+        }
+    })
+}
+

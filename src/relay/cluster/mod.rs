@@ -57,6 +57,42 @@ struct Health {
     errors: AtomicU64,
     /// Records or requests whose MAC did not verify.
     forged: AtomicU64,
+    /// How long taking a device's record took (read + compare-and-swap, and a probe across
+    /// nodes when another held it), as a histogram.
+    claims: Histogram,
+}
+
+/// Upper bounds (seconds) of the claim-latency histogram's buckets.
+const CLAIM_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// A Prometheus histogram with fixed buckets.
+#[derive(Default)]
+struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is above every bound.
+    counts: [AtomicU64; CLAIM_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = CLAIM_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(CLAIM_BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP ringway_{name} {help}\n# TYPE ringway_{name} histogram");
+        let mut total = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Relaxed);
+            let le = CLAIM_BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(out, "ringway_{name}_bucket{{le=\"{le}\"}} {total}");
+        }
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "ringway_{name}_sum {sum}\nringway_{name}_count {total}");
+    }
 }
 
 /// What the background tasks and the registry calls share.
@@ -768,9 +804,11 @@ impl Registry for ClusterRegistry {
             if let Some((generation, addr, probe)) = inner.local.holder(device) {
                 return Claim::Held { generation, addr, probe };
             }
+            let t0 = Instant::now();
             if let Err(refused) = inner.take(device, services, link, false).await {
                 return refused;
             }
+            inner.health.claims.observe(t0.elapsed());
             inner.local.agent_claim(device, services, link)
         })
     }
@@ -784,7 +822,9 @@ impl Registry for ClusterRegistry {
     ) -> Pending<'a, Option<u64>> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            let t0 = Instant::now();
             inner.take(device, services, link, true).await.ok()?;
+            inner.health.claims.observe(t0.elapsed());
             if stale == REMOTE {
                 match inner.local.agent_claim(device, services, link) {
                     Claim::Granted(g) => Some(g),
@@ -871,6 +911,17 @@ impl Registry for ClusterRegistry {
             "counter",
             "Registry records or node requests whose MAC did not verify.",
             h.forged.load(Relaxed),
+        );
+        metric(
+            "cluster_registry_ops_total",
+            "counter",
+            "Registry reads, writes, deletes and node requests.",
+            inner.store.ops.load(Relaxed),
+        );
+        h.claims.render(
+            &mut out,
+            "cluster_claim_seconds",
+            "Time to take a device's registry record for a connecting agent.",
         );
         Some(out)
     }

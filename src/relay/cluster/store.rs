@@ -117,6 +117,8 @@ pub struct Store {
     pub sessions: kv::Store,
     key: Hmac<Sha256>,
     name: String,
+    /// Reads, writes, deletes and requests made (for `/metrics`).
+    pub ops: std::sync::atomic::AtomicU64,
 }
 
 /// How long a registry operation may take before the caller hears 503.
@@ -173,7 +175,7 @@ impl Store {
         let devices = open(bucket("devices", Duration::ZERO)).await?;
         let sessions = open(bucket("sessions", Duration::from_secs(limits.max_session_ttl_secs + 3600))).await?;
         let key = Hmac::<Sha256>::new_from_slice(c.peer_key.expose().as_bytes()).expect("HMAC takes any key length");
-        Ok(Store { client, nodes, devices, sessions, key, name: c.name.clone() })
+        Ok(Store { client, nodes, devices, sessions, key, name: c.name.clone(), ops: Default::default() })
     }
 
     fn mac(&self, context: &str, key: &str, body: &str, at: u64) -> Hmac<Sha256> {
@@ -208,6 +210,7 @@ impl Store {
 
     /// Asks `node`; fails fast when no node listens there.
     pub async fn ask(&self, node: &str, ask: &Ask) -> Result<Answer, StoreError> {
+        self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let subject = self.subject(node);
         let payload = self.seal(&subject, "ask", ask);
         let reply = match tokio::time::timeout(OP_TIMEOUT, self.client.request(subject.clone(), payload)).await {
@@ -239,6 +242,7 @@ impl Store {
         value: &T,
         revision: Option<u64>,
     ) -> Result<u64, StoreError> {
+        self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let sealed = self.seal(&bucket.name, key, value);
         let write = async {
             match revision {
@@ -259,6 +263,7 @@ impl Store {
 
     /// Deletes `key` if it is still at `revision`.
     pub async fn remove(&self, bucket: &kv::Store, key: &str, revision: u64) -> Result<(), StoreError> {
+        self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let delete = bucket.delete_expect_revision(key, Some(revision));
         match tokio::time::timeout(OP_TIMEOUT, delete).await {
             Err(_) => Err(StoreError::Unreachable("timed out".into())),
@@ -280,6 +285,7 @@ impl Store {
         bucket: &kv::Store,
         key: &str,
     ) -> Result<(Option<T>, Option<u64>), StoreError> {
+        self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entry = tokio::time::timeout(OP_TIMEOUT, bucket.entry(key))
             .await
             .map_err(|_| StoreError::Unreachable("timed out".into()))?
