@@ -175,7 +175,8 @@ fn main() {
     raise_nofile();
     let quick = std::env::args().any(|a| a == "--quick");
     let (requests, len, agents) = if quick { (100, 64u64 << 20, 300) } else { (1000, 512u64 << 20, 2000) };
-    let nats_version = std::process::Command::new("nats-server").arg("--version").output().expect("nats-server on PATH");
+    let nats_version =
+        std::process::Command::new("nats-server").arg("--version").output().expect("nats-server on PATH");
     println!(
         "ringway cluster benchmark ({}): 3 nodes on 127.0.0.1-3 + {}",
         if quick { "quick" } else { "full" },

@@ -620,6 +620,24 @@ mod tests {
         assert_eq!(format!("{:?}", c.dataplane), format!("{:?}", DataPlane::default()));
     }
 
+    /// README's `[cluster]` block is the one in `examples/cluster-node.toml`, which parses and
+    /// shows the defaults of the keys it may leave out.
+    #[test]
+    fn readme_cluster_block_is_in_the_example_file_and_parses() {
+        let readme = include_str!("../README.md");
+        let block = readme
+            .split("## Cluster")
+            .nth(1)
+            .and_then(|s| s.split("```toml\n").nth(1))
+            .and_then(|s| s.split("```").next())
+            .expect("README has a cluster config block");
+        let example = include_str!("../examples/cluster-node.toml");
+        assert!(example.ends_with(block), "README's [cluster] block and examples/cluster-node.toml differ");
+        let c = Config::parse(example).unwrap().cluster.expect("[cluster]");
+        assert_eq!((c.node_lifetime_secs, c.name.as_str()), (Cluster::default_lifetime(), "ringway"));
+        assert!(c.public_url.is_none());
+    }
+
     fn corpus(kind: &str) -> Vec<(String, String)> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config").join(kind);
         let mut files: Vec<_> = std::fs::read_dir(&dir)

@@ -827,4 +827,3 @@ pub fn sim_agent(urls: Vec<String>, id: String, key: String, stop: Arc<AtomicBoo
         }
     })
 }
-
