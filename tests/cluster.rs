@@ -150,6 +150,22 @@ fn a_killed_node_s_device_and_sessions_move_to_the_node_its_agent_reaches_next()
     assert!(url.starts_with(&format!("ws://{}/", nodes[owner].addr)), "client_url {url} is not {first}'s");
     let mut ws = ws_connect(&url, &token);
     echo(&mut ws, b"through the first owner");
+    // And a `ringway connect` asking n1 (its own session).
+    let (connect, local) = {
+        let api = nodes[0].url();
+        let args = ["connect", "--relay", &api, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "echo"];
+        let (p, a) = Proc::spawn("connect", &args, true);
+        (p, a.unwrap())
+    };
+    let echo_tcp = |what: &[u8]| -> Result<(), String> {
+        let mut s = TcpStream::connect(local).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        std::io::Write::write_all(&mut s, what).map_err(|e| e.to_string())?;
+        let mut back = vec![0u8; what.len()];
+        std::io::Read::read_exact(&mut s, &mut back).map_err(|e| e.to_string())?;
+        (back == what).then_some(()).ok_or_else(|| "the echo differs".into())
+    };
+    echo_tcp(b"connect, before").unwrap();
 
     // kill -9 the node holding the device: the agent moves, the session follows it.
     nodes[owner].proc.kill();
@@ -164,7 +180,13 @@ fn a_killed_node_s_device_and_sessions_move_to_the_node_its_agent_reaches_next()
     assert!(moved.starts_with(&format!("ws://{}/", nodes[other].addr)), "{moved}");
     let mut ws = ws_connect(&moved, &token);
     echo(&mut ws, b"a new connection of the same session, through the new owner");
-    assert_eq!(metric(&nodes[0], "ringway_cluster_nodes_seen"), 2);
+    // `connect` finds where its session went (it asks n1) and its new connections work.
+    wait_until("connect's new connections work again", Duration::from_secs(20), || echo_tcp(b"connect, after").ok());
+    assert!(connect.stderr().contains("the session moved"), "{}", connect.stderr());
+    // The dead node drops out of the others' view a lifetime (3 s here) after its last heartbeat.
+    wait_until("n1 stops counting the dead node", Duration::from_secs(6), || {
+        (metric(&nodes[0], "ringway_cluster_nodes_seen") == 2).then_some(())
+    });
     drop(agent);
 }
 

@@ -555,6 +555,7 @@ impl Inner {
             }
             let owner = self.mirror.owner(&record.device);
             let here = stats.iter().find(|s| *s.id == *id);
+            let mine = owner.as_deref() == Some(self.node.as_str());
             let write = match here {
                 Some(s) if record.node == self.node => {
                     let fresh = SessionRecord {
@@ -566,25 +567,24 @@ impl Inner {
                     };
                     (fresh != record || self.mirror.untaint(&id)).then_some(fresh)
                 }
-                Some(_) => None,
-                None => {
-                    let orphan = record.node == self.node || !self.mirror.alive(&record.node);
-                    match owner.as_deref() {
-                        // The device is here and its session's home is gone (or was this node,
-                        // restarted): adopt it.
-                        Some(o) if o == self.node && orphan => self.adopt(&id, &record).then(|| SessionRecord {
-                            node: self.node.clone(),
-                            connections: 0,
-                            client_connected: false,
-                            ..record.clone()
-                        }),
-                        // This node is its home but its device is on another: hand it over.
-                        Some(o) if record.node == self.node => {
-                            Some(SessionRecord { node: o.to_string(), ..record.clone() })
-                        }
-                        _ => None,
-                    }
+                // Here, and its device too, but the record names another node: claim it back.
+                Some(_) if mine => Some(SessionRecord { node: self.node.clone(), ..record.clone() }),
+                // Here, but it lives elsewhere now.
+                Some(_) => {
+                    self.local.release_session(&id);
+                    None
                 }
+                // A session lives where its device is: adopt it (its node died, drained, or the
+                // device moved).
+                None if mine => self.adopt(&id, &record).then(|| SessionRecord {
+                    node: self.node.clone(),
+                    connections: 0,
+                    client_connected: false,
+                    ..record.clone()
+                }),
+                // This node is its home but its device is on another: hand it over.
+                None if record.node == self.node => owner.map(|o| SessionRecord { node: o, ..record.clone() }),
+                None => None,
             };
             if let Some(fresh) = write {
                 match self.store.write(sessions, &id, &fresh, Some(rev)).await {

@@ -119,6 +119,9 @@ struct Tables {
     agents: HashMap<String, Agent>,
     /// Sessions that ended (not by shutdown) since the cluster registry last asked.
     ended: Vec<Arc<str>>,
+    /// Connections still running for sessions that moved to another cluster node: their
+    /// owning worker, so that a shutdown still closes them.
+    adrift: HashMap<u64, usize>,
 }
 
 /// An agent as [`MemoryRegistry::agents`] reports it.
@@ -251,6 +254,7 @@ impl ConnEnds for MemoryRegistry {
         // What the audit line needs is copied out, and the line is queued after the lock.
         let ended = {
             let mut t = self.tables();
+            t.adrift.remove(&conn);
             t.sessions.get_mut(session).and_then(|s| {
                 s.bytes_to_device += end.to_device;
                 s.bytes_to_client += end.to_client;
@@ -465,6 +469,9 @@ impl MemoryRegistry {
         let ids: Vec<Arc<str>> = self.tables().sessions.keys().cloned().collect();
         for id in ids {
             self.close_session(&id, reason.clone());
+        }
+        for (conn, worker) in std::mem::take(&mut self.tables().adrift) {
+            self.send_to_worker(worker, Cmd::Close { conn, reason: reason.clone() });
         }
     }
 
@@ -734,7 +741,15 @@ impl MemoryRegistry {
     /// (their ends are counted, not attributed); its control connection is dropped without a
     /// `closing` event, so the client re-attaches where the session lives now.
     pub fn release_session(&self, id: &str) {
-        let released = self.tables().sessions.remove(id);
+        let released = {
+            let mut t = self.tables();
+            let s = t.sessions.remove(id);
+            if let Some(s) = &s {
+                let adrift: Vec<(u64, usize)> = s.conns.iter().map(|(&c, m)| (c, m.worker)).collect();
+                t.adrift.extend(adrift);
+            }
+            s
+        };
         if let Some(s) = released {
             tracing::info!(session = %s.id, device = %s.device, "session moved to another node");
         }
