@@ -300,7 +300,8 @@ pub struct Cluster {
     /// How agents and clients reach this node directly (`http://` or `https://`, host and port;
     /// port 0 stands for the port the relay listens on).
     pub advertise: String,
-    /// One name in front of all nodes. Not built yet: refused with a message saying so.
+    /// One name in front of all nodes (a load balancer): session `client_url`s name it, and the
+    /// node a client's connection lands on forwards it to the session's node.
     #[serde(default)]
     pub public_url: Option<String>,
     /// What the nodes share and nobody else has: every registry record and every request
@@ -355,11 +356,12 @@ impl Cluster {
                 self.advertise
             );
         }
-        if self.public_url.is_some() {
-            invalid!(
-                "cluster.public_url: forwarding between nodes behind one name is not built yet; leave it out \
-                 (clients then go straight to the node holding the device)"
-            );
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.trim_start_matches("http://").trim_start_matches("https://").contains('/')
+            {
+                invalid!("cluster.public_url {url:?}: give http(s)://HOST[:PORT], the name in front of every node");
+            }
         }
         if self.peer_key.expose().len() < 16 {
             invalid!("cluster.peer_key is shorter than 16 characters");

@@ -139,12 +139,24 @@ pub type Ws = WebSocket<TokioIo<Upgraded>>;
 /// Opens a WebSocket to `path` on the relay, authenticating with `bearer`. A refusal comes back
 /// as an error with the relay's status and message.
 pub async fn dial(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<Ws> {
+    let upgraded = upgrade(relay, path, bearer, &[]).await?;
+    Ok(WebSocket::after_handshake(upgraded, Role::Client))
+}
+
+/// The WebSocket handshake for `path` with `extra` headers, and the upgraded connection as
+/// bytes (a relay node forwarding a client's connection to another moves them as they are).
+pub async fn upgrade(
+    relay: &RelayUrl,
+    path: &str,
+    bearer: &str,
+    extra: &[(&str, String)],
+) -> anyhow::Result<TokioIo<Upgraded>> {
     let tcp = relay.connect().await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::GET)
         .uri(path)
         .header(HOST, &relay.authority)
@@ -152,8 +164,11 @@ pub async fn dial(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<
         .header(CONNECTION, "upgrade")
         .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
         .header("Sec-WebSocket-Version", "13")
-        .header(AUTHORIZATION, format!("Bearer {bearer}"))
-        .body(Empty::<Bytes>::new())?;
+        .header(AUTHORIZATION, format!("Bearer {bearer}"));
+    for (name, value) in extra {
+        req = req.header(*name, value);
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
     let mut resp =
         sender.send_request(req).await.map_err(|e| relay.explain(e, format!("WebSocket handshake for {path}")))?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -161,8 +176,7 @@ pub async fn dial(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         return Err(Refused { path: path.to_string(), status, message: error_text(&body) }.into());
     }
-    let upgraded = hyper::upgrade::on(&mut resp).await?;
-    Ok(WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client))
+    Ok(TokioIo::new(hyper::upgrade::on(&mut resp).await?))
 }
 
 /// The relay answered a WebSocket handshake with an error status.

@@ -134,6 +134,90 @@ fn a_session_started_on_one_node_runs_straight_to_the_node_holding_the_device_by
 }
 
 #[test]
+fn behind_one_public_url_the_node_a_client_reaches_forwards_it_to_the_session_s_node_byte_exact() {
+    const LEN: u64 = 16 << 20;
+    let nats = Nats::start();
+    // n3 stands in for the load balancer's choice: every client_url names it.
+    let port = std::net::TcpListener::bind("127.0.0.3:0").unwrap().local_addr().unwrap().port();
+    let public = format!("public_url = \"http://127.0.0.3:{port}\"\n");
+    let on = |name: &str, host: u8| {
+        let config = format!(
+            "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"http://127.0.0.{host}:0\"\npeer_key = \"{PEER_KEY}\"\n{public}",
+            nats.url()
+        );
+        let listen = if host == 3 { format!("127.0.0.3:{port}") } else { format!("127.0.0.{host}:0") };
+        Relay::start_on(&listen, "epoll", &config)
+    };
+    let nodes = [on("n1", 1), on("n2", 2), on("n3", 3)];
+    let (service, received, service_sent) = source_sink_service(LEN, 11);
+    let agent = spawn_agent(&nodes[1].url(), &[format!("bulk={service}")]);
+    assert_eq!(wait_until("dev-1 online", Duration::from_secs(15), || holder(&nodes[0])), "n2", "{}", agent.stderr());
+
+    let (connect, local) = {
+        let url = nodes[0].url();
+        let args = ["connect", "--relay", &url, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "bulk"];
+        let (p, a) = Proc::spawn("connect", &args, true);
+        (p, a.unwrap())
+    };
+    let tcp = TcpStream::connect(local).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let sum = send_noise(&mut w, 98, LEN);
+        w.shutdown(Shutdown::Write).unwrap();
+        sum
+    });
+    let mut r = tcp;
+    let got = read_all_sum(&mut r);
+    let sent = sender.join().unwrap();
+    let device_got = received.recv_timeout(Duration::from_secs(60)).expect("the service saw the stream end");
+    assert_eq!(got, service_sent, "device -> client: {} of {LEN} bytes, checksum differs", got.1);
+    assert_eq!(device_got, sent, "client -> device: {} of {LEN} bytes, checksum differs", device_got.1);
+
+    // The session's control connection and its data connection both went through n3 to n2.
+    let (_, sessions) = json(&nodes[0], "GET", "/api/v1/sessions");
+    let s = sessions[0].clone();
+    assert_eq!(
+        s["client_url"].as_str().unwrap(),
+        format!("ws://127.0.0.3:{port}/api/v1/sessions/{}/client", s["id"].as_str().unwrap())
+    );
+    assert_eq!(s["node"], "n2");
+    assert!(
+        metric(&nodes[2], "ringway_forwarded_connections_total") >= 2,
+        "n3 forwarded the control and data connections: {}\n{}",
+        connect.stderr(),
+        nodes[2].proc.stderr()
+    );
+    assert!(metric(&nodes[1], "ringway_bytes_to_device_total") >= LEN);
+    assert_eq!(metric(&nodes[2], "ringway_bytes_to_device_total"), 0, "n3 forwards bytes as they are; n2 unmasks");
+    wait_until("n3 counts the forwarded bytes", Duration::from_secs(10), || {
+        (metric(&nodes[2], "ringway_forwarded_bytes_total") >= 2 * LEN).then_some(())
+    });
+
+    // A node takes a forwarded connection only with a proof made with the peer key.
+    let id = s["id"].as_str().unwrap();
+    let refused =
+        http_upgrade_with(nodes[1].addr, &format!("/api/v1/sessions/{id}/client"), "x-ringway-forwarded: 1.n3.00");
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    drop(connect);
+}
+
+/// A WebSocket upgrade request with one extra header line (and no valid token): the status line.
+fn http_upgrade_with(addr: std::net::SocketAddr, path: &str, header: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{header}\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string()
+}
+
+#[test]
 fn a_killed_node_s_device_and_sessions_move_to_the_node_its_agent_reaches_next() {
     let nats = Nats::start();
     let fast = "node_lifetime_secs = 3\n";

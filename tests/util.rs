@@ -124,6 +124,11 @@ impl Relay {
 
     /// A relay listening on `ip` (any of 127/8: several stand in for several hosts).
     pub fn start_at(ip: &str, backend: &str, extra_config: &str) -> Relay {
+        Relay::start_on(&format!("{ip}:0"), backend, extra_config)
+    }
+
+    /// A relay listening on `listen` (HOST:PORT).
+    pub fn start_on(listen: &str, backend: &str, extra_config: &str) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("relay.toml");
         std::fs::write(
@@ -135,10 +140,9 @@ impl Relay {
             ),
         )
         .unwrap();
-        let listen = format!("{ip}:0");
         let (proc, addr) = Proc::spawn(
             "relay",
-            &["relay", "--listen", &listen, "--config", config.to_str().unwrap(), "--backend", backend],
+            &["relay", "--listen", listen, "--config", config.to_str().unwrap(), "--backend", backend],
             true,
         );
         Relay { proc, addr: addr.unwrap(), dir }

@@ -22,7 +22,7 @@ use super::audit::Record;
 use super::ending::CloseReason;
 use super::handoff::{Cmd, ConnEnd, DataSocket, TlsStream};
 use super::metrics::HandshakeFailure;
-use super::registry::{Caller, ClientConn, Refusal};
+use super::registry::{Caller, ClientConn, Forward, Refusal};
 use super::{channels, Relay};
 use crate::proto::{ApiError, StartSession};
 
@@ -200,7 +200,7 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
         (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay, peer).await.unwrap_or_else(|r| *r),
         (_, ["api", "v1", "sessions", id, "control"]) => {
             let id = id.to_string();
-            control_upgrade(req, relay, id).await.unwrap_or_else(|r| *r)
+            control_upgrade(req, relay, id, peer).await.unwrap_or_else(|r| *r)
         }
         (_, ["api", "v1", "sessions", id, "client"]) => {
             let id = id.to_string();
@@ -308,8 +308,12 @@ async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, peer: Sock
     Ok(resp)
 }
 
-async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String) -> Upgrade {
+async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Upgrade {
     let token = bearer(&req).unwrap_or("");
+    if let Some(home) = relay.registry.elsewhere(&session, token) {
+        let home = home.map_err(|r| Box::new(refused(&relay, r)))?;
+        return forward(req, relay, home, peer).await;
+    }
     let (tx, rx) = tokio::sync::mpsc::channel(SESSION_EVENTS);
     let (attachment, ready) =
         relay.registry.attach_control(&session, token, tx).map_err(|r| Box::new(refused(&relay, r)))?;
@@ -341,6 +345,11 @@ async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(DataSo
 
 async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Upgrade {
     let token = bearer(&req).unwrap_or("");
+    if let Some(home) = relay.registry.elsewhere(&session, token) {
+        let home = home.map_err(|r| Box::new(refused(&relay, r)))?;
+        return forward(req, relay, home, peer).await;
+    }
+    let peer = forwarded_for(&req, &relay, &session)?.unwrap_or(peer);
     let conn: ClientConn =
         relay.registry.client_conn(&session, token, peer).map_err(|r| Box::new(refused(&relay, r)))?;
     let (resp, fut) =
@@ -354,6 +363,59 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
             .workers
             .send(conn.worker, Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover });
         relay.registry.announce_conn(&conn);
+    });
+    Ok(resp)
+}
+
+/// Header names of a connection one cluster node forwards to another: the forwarding node's
+/// proof of membership, and the client's address as it saw it.
+const FORWARDED: &str = "x-ringway-forwarded";
+const FORWARDED_FOR: &str = "x-ringway-forwarded-for";
+
+/// The client's address a forwarding node vouches for; a forged vouch is refused.
+fn forwarded_for(req: &Request<Incoming>, relay: &Relay, session: &str) -> Result<Option<SocketAddr>, Box<Resp>> {
+    let Some(proof) = req.headers().get(FORWARDED).and_then(|v| v.to_str().ok()) else { return Ok(None) };
+    if !relay.registry.forwarded_by_peer(session, proof) {
+        tracing::warn!(session, "refused a forwarded connection whose node proof does not verify");
+        return Err(Box::new(refused(relay, Refusal::bad_token())));
+    }
+    Ok(req.headers().get(FORWARDED_FOR).and_then(|v| v.to_str().ok()?.parse().ok()))
+}
+
+/// A connection for a session that lives on another node (behind `public_url`, or a client
+/// that came to the wrong node): the WebSocket handshake is made with that node first (its
+/// refusal is the client's answer), then the client's `101`, then the bytes are moved both
+/// ways as they are; the session's node unmasks and forwards as for any client.
+async fn forward(mut req: Request<Incoming>, relay: Arc<Relay>, home: Forward, peer: SocketAddr) -> Upgrade {
+    let path = req.uri().path_and_query().map_or_else(|| req.uri().path().to_string(), |p| p.to_string());
+    let token = bearer(&req).unwrap_or("").to_string();
+    let target = crate::peer::RelayUrl::parse(&home.advertise)
+        .map_err(|e| Box::new(error(StatusCode::BAD_GATEWAY, format!("node {}: {e:#}", home.node))))?;
+    let headers = [(FORWARDED, home.proof), (FORWARDED_FOR, peer.to_string())];
+    let deadline = Duration::from_secs(relay.config.limits.handshake_timeout_secs);
+    let theirs = match tokio::time::timeout(deadline, crate::peer::upgrade(&target, &path, &token, &headers)).await {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => {
+            return Err(Box::new(match e.downcast_ref::<crate::peer::Refused>() {
+                Some(r) => error(r.status, r.message.clone()),
+                None => error(StatusCode::BAD_GATEWAY, format!("the session's node {} cannot be reached", home.node)),
+            }))
+        }
+        Err(_) => {
+            return Err(Box::new(error(StatusCode::GATEWAY_TIMEOUT, format!("node {} did not answer", home.node))))
+        }
+    };
+    let (resp, fut) = upgrade(&relay, &mut req)?;
+    relay.metrics.forwarded_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(node = home.node, %peer, path, "forwarding a connection to the session's node");
+    tokio::task::spawn_local(async move {
+        let Ok(ws) = fut.await else { return };
+        let (mut ours, mut theirs) = (ws.into_inner(), theirs);
+        if let Ok((up, down)) =
+            tokio::io::copy_bidirectional_with_sizes(&mut ours, &mut theirs, 64 << 10, 64 << 10).await
+        {
+            relay.metrics.forwarded_bytes.fetch_add(up + down, std::sync::atomic::Ordering::Relaxed);
+        }
     });
     Ok(resp)
 }

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub sessions_ended: AtomicU64,
     pub connections_opened: AtomicU64,
     pub connections_closed: AtomicU64,
+    /// Cluster: client and control connections this node forwarded to the session's node, and
+    /// their bytes both ways (counted when each ends).
+    pub forwarded_connections: AtomicU64,
+    pub forwarded_bytes: AtomicU64,
     pub tunnels_active: AtomicU64,
     pub bytes_to_device: AtomicU64,
     pub bytes_to_client: AtomicU64,
@@ -89,6 +93,18 @@ impl Metrics {
         metric("sessions_started_total", "counter", "Sessions started.", self.sessions_started.load(Relaxed));
         metric("sessions_ended_total", "counter", "Sessions ended for any reason.", self.sessions_ended.load(Relaxed));
         metric("agents_connected", "gauge", "Device agents with a live control connection.", agents_connected as u64);
+        metric(
+            "forwarded_connections_total",
+            "counter",
+            "Connections forwarded to the cluster node their session lives on.",
+            self.forwarded_connections.load(Relaxed),
+        );
+        metric(
+            "forwarded_bytes_total",
+            "counter",
+            "Bytes of forwarded connections, both ways, counted when each ends.",
+            self.forwarded_bytes.load(Relaxed),
+        );
         metric(
             "connections_opened_total",
             "counter",

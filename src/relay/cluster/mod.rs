@@ -7,7 +7,8 @@
 //!   (after probing the agent that held it, wherever it is). A node that sees its device taken
 //!   closes its stale agent connection; records held by dead nodes are removed.
 //! - **Sessions** live on the node holding their device (their *home*), where the client's
-//!   connections go (`client_url` is that node's `advertise`): no byte crosses nodes. Any node
+//!   connections go (`client_url` is that node's `advertise`, or the cluster's `public_url`, and
+//!   then the node a connection lands on forwards it there as bytes). Any node
 //!   starts one (asking the home node over NATS request/reply) and lists, shows and closes any.
 //!   When a device's node dies, the node its agent moves to adopts its sessions.
 //! - **Liveness.** Nodes heartbeat; one not heard from for `node_lifetime_secs` is dead. A node
@@ -36,7 +37,7 @@ use self::store::{hash_bytes, token_hash, Answer, Ask, DeviceRecord, NodeRecord,
 use super::ending::CloseReason;
 use super::handoff::{ConnEnd, ConnEnds};
 use super::registry::memory::{new_session_id, MemoryRegistry};
-use super::registry::{AgentLink, Caller, Claim, ClientConn, Pending, Refusal, Registry};
+use super::registry::{AgentLink, Caller, Claim, ClientConn, Forward, Pending, Refusal, Registry};
 use crate::config::{Cluster, Config, Credential, Role, Secret};
 use crate::proto::{DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession};
 
@@ -611,8 +612,18 @@ impl Inner {
         adopted
     }
 
+    /// Where a client connects for session `id` living on `home`: the cluster's `public_url`
+    /// (any node forwards), else that node's `advertise`.
+    fn client_url_at(&self, home: &str, id: &str) -> String {
+        let cluster = self.config.cluster.as_ref().expect("a cluster node has [cluster]");
+        let base = match &cluster.public_url {
+            Some(public) => public.clone(),
+            None => self.mirror.advertise(home).unwrap_or_else(|| cluster.advertise.clone()),
+        };
+        client_url(&base, id)
+    }
+
     fn session_info(&self, id: &str, r: &SessionRecord) -> SessionInfo {
-        let advertise = self.mirror.advertise(&r.node);
         let mut info = SessionInfo {
             id: id.to_string(),
             device: r.device.clone(),
@@ -626,7 +637,7 @@ impl Inner {
             bytes_to_device: r.bytes_to_device,
             bytes_to_client: r.bytes_to_client,
             node: Some(r.node.clone()),
-            client_url: advertise.map(|a| client_url(&a, id)),
+            client_url: Some(self.client_url_at(&r.node, id)),
         };
         if r.node == self.node {
             if let Some(s) = self.local.session_stats().into_iter().find(|s| *s.id == *id) {
@@ -695,12 +706,8 @@ impl Registry for ClusterRegistry {
                     }
                 }
             };
-            let advertise = inner
-                .mirror
-                .advertise(&home)
-                .unwrap_or_else(|| inner.config.cluster.as_ref().expect("cluster").advertise.clone());
             Ok(SessionStarted {
-                client_url: client_url(&advertise, &id),
+                client_url: inner.client_url_at(&home, &id),
                 id: id.to_string(),
                 client_token: token.expose().to_string(),
                 expires_at,
@@ -855,6 +862,35 @@ impl Registry for ClusterRegistry {
 
     fn reap(&self) {
         self.inner.local.reap()
+    }
+
+    fn elsewhere(&self, session: &str, token: &str) -> Option<Result<Forward, Refusal>> {
+        let inner = &self.inner;
+        if inner.local.has_session(session) {
+            return None;
+        }
+        let (record, _) = inner.mirror.session(session)?;
+        if record.node == inner.node || !inner.mirror.alive(&record.node) {
+            return None;
+        }
+        // This node checks the token too: a bad one is refused (and counted) here.
+        let hash = hash_bytes(&record.client_token_sha256)?;
+        if !Credential::Sha256(hash).matches(token) {
+            return Some(Err(Refusal::bad_token()));
+        }
+        let advertise = inner.mirror.advertise(&record.node)?;
+        let proof = inner.store.forward_proof(session, &inner.node);
+        Some(Ok(Forward { node: record.node, advertise, proof }))
+    }
+
+    fn forwarded_by_peer(&self, session: &str, proof: &str) -> bool {
+        match self.inner.store.check_forward_proof(session, proof) {
+            Some(from) => self.inner.mirror.alive(&from),
+            None => {
+                self.inner.health.forged.fetch_add(1, Relaxed);
+                false
+            }
+        }
     }
 
     fn drain(&self) {

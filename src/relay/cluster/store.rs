@@ -203,6 +203,26 @@ impl Store {
         serde_json::from_str(&signed.body).ok()
     }
 
+    /// What a node presents when it forwards a client's connection for `session` to another:
+    /// `SECONDS.MAC`, valid for [`REQUEST_MAX_AGE`].
+    pub fn forward_proof(&self, session: &str, from: &str) -> String {
+        let at = crate::proto::unix_now();
+        format!("{at}.{from}.{}", hex(&self.mac("forward", session, from, at).finalize().into_bytes()))
+    }
+
+    /// The forwarding node's name if `proof` is one, fresh, for `session`.
+    pub fn check_forward_proof(&self, session: &str, proof: &str) -> Option<String> {
+        let mut parts = proof.splitn(3, '.');
+        let at: u64 = parts.next()?.parse().ok()?;
+        let from = parts.next()?;
+        let mac = unhex(parts.next()?)?;
+        if crate::proto::unix_now().abs_diff(at) > REQUEST_MAX_AGE {
+            return None;
+        }
+        self.mac("forward", session, from, at).verify_slice(&mac).ok()?;
+        Some(from.to_string())
+    }
+
     /// A request's subject for `node`.
     pub fn subject(&self, node: &str) -> String {
         format!("{}.node.{node}", self.name)

@@ -86,6 +86,15 @@ pub enum Claim {
     Unavailable(String),
 }
 
+/// Where a connection for a session living on another cluster node goes: that node's address
+/// and this node's proof of membership for it.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub node: String,
+    pub advertise: String,
+    pub proof: String,
+}
+
 /// What a registry call that may wait on a shared store returns.
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -191,6 +200,18 @@ pub trait Registry: ConnEnds {
 
     /// The relay has stopped serving (after its drain): a cluster node leaves the cluster.
     fn stopped(&self) {}
+
+    /// A cluster node: the session lives on another node, where a client connection presenting
+    /// `token` is forwarded. `None`: it lives here (or nowhere: the local checks refuse it).
+    fn elsewhere(&self, _session: &str, _token: &str) -> Option<Result<Forward, Refusal>> {
+        None
+    }
+
+    /// A cluster node: whether `proof` shows that another node of the cluster forwarded this
+    /// connection for `session` (then its claimed client address is believed).
+    fn forwarded_by_peer(&self, _session: &str, _proof: &str) -> bool {
+        false
+    }
 
     /// A cluster node's own gauges (Prometheus text), appended to `/metrics`.
     fn cluster_metrics(&self) -> Option<String> {
