@@ -73,13 +73,13 @@ fn source_sink(len: u64) -> std::net::SocketAddr {
 }
 
 /// One tunnel, `len` bytes each way at once, `connect` asking `api`; the bytes go through
-/// `carrier`. Returns (MB/s each way, carrier CPU seconds per GB forwarded).
-fn bulk(api: &Relay, carrier: &Relay, len: u64) -> (f64, f64) {
+/// `carriers`. Returns (MB/s each way, each carrier's CPU seconds per GB forwarded).
+fn bulk(api: &Relay, carriers: &[&Relay], len: u64) -> (f64, Vec<f64>) {
     let url = api.url();
     let args = ["connect", "--relay", &url, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "bulk"];
     let (_connect, local) = Proc::spawn("connect", &args, true);
     thread::sleep(Duration::from_millis(300));
-    let cpu0 = proc_cpu_secs(carrier.proc.pid());
+    let cpu0: Vec<f64> = carriers.iter().map(|c| proc_cpu_secs(c.proc.pid())).collect();
     let began = Instant::now();
     let tcp = TcpStream::connect(local.unwrap()).unwrap();
     let mut w = tcp.try_clone().unwrap();
@@ -91,9 +91,10 @@ fn bulk(api: &Relay, carrier: &Relay, len: u64) -> (f64, f64) {
     let (_, got) = read_all_sum(&mut r);
     sender.join().unwrap();
     let secs = began.elapsed().as_secs_f64();
-    let cpu = proc_cpu_secs(carrier.proc.pid()) - cpu0;
     assert_eq!(got, len, "short transfer");
-    (len as f64 / 1e6 / secs, cpu / (2.0 * len as f64 / 1e9))
+    let gb = 2.0 * len as f64 / 1e9;
+    let cpu = carriers.iter().zip(cpu0).map(|(c, c0)| (proc_cpu_secs(c.proc.pid()) - c0) / gb).collect();
+    (len as f64 / 1e6 / secs, cpu)
 }
 
 /// A counter or gauge sample of a cluster node (labelled with its node).
@@ -191,7 +192,8 @@ fn main() {
     let agent = spawn_agent(&single.url(), std::slice::from_ref(&svc));
     single.wait_device_online(DEVICE_ID, true);
     let (s50, s99) = session_starts(&single, requests);
-    let (s_mbps, s_cpu) = bulk(&single, &single, len);
+    let (s_mbps, s_cpu) = bulk(&single, &[&single], len);
+    let s_cpu = s_cpu[0];
     drop(agent);
     drop(single);
 
@@ -201,7 +203,28 @@ fn main() {
     nodes[0].wait_device_online(DEVICE_ID, true);
     let (same50, same99) = session_starts(&nodes[1], requests);
     let (cross50, cross99) = session_starts(&nodes[0], requests);
-    let (c_mbps, c_cpu) = bulk(&nodes[0], &nodes[1], len);
+    let (c_mbps, c_cpu) = bulk(&nodes[0], &[&nodes[1]], len);
+    let c_cpu = c_cpu[0];
+    drop(agent);
+    drop(nodes);
+    drop(nats);
+
+    // Behind one public_url (n3 stands in for the load balancer's pick): n3 forwards to n2.
+    let nats = Nats::start();
+    let port = TcpListener::bind("127.0.0.3:0").unwrap().local_addr().unwrap().port();
+    let on = |name: &str, host: u8| {
+        let config = format!(
+            "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"http://127.0.0.{host}:0\"\n\
+             peer_key = \"{PEER_KEY}\"\npublic_url = \"http://127.0.0.3:{port}\"\n{LIMITS}",
+            nats.url()
+        );
+        let listen = if host == 3 { format!("127.0.0.3:{port}") } else { format!("127.0.0.{host}:0") };
+        Relay::start_on(&listen, "epoll", &config)
+    };
+    let nodes = [on("n1", 1), on("n2", 2), on("n3", 3)];
+    let agent = spawn_agent(&nodes[1].url(), std::slice::from_ref(&svc));
+    nodes[0].wait_device_online(DEVICE_ID, true);
+    let (f_mbps, f_cpu) = bulk(&nodes[0], &[&nodes[1], &nodes[2]], len);
     drop(agent);
 
     println!("\nsession start, {requests} sequential POST /api/v1/sessions (new TCP connection each)");
@@ -220,7 +243,14 @@ fn main() {
         c_mbps / s_mbps,
         c_cpu / s_cpu
     );
-    println!("(forwarding through a node that does not hold the device, behind public_url, is not built yet)");
+    println!(
+        "{:<40} {f_mbps:>13.0} {:>12.2} {:>7.2}x {:>7.2}x",
+        "cluster, via n3 (public_url) to n2",
+        f_cpu[0] + f_cpu[1],
+        f_mbps / s_mbps,
+        (f_cpu[0] + f_cpu[1]) / s_cpu
+    );
+    println!("  (of which n2, unmasking and forwarding: {:.2} CPU s/GB; n3, moving bytes: {:.2})", f_cpu[0], f_cpu[1]);
     drop(nodes);
     drop(nats);
 
