@@ -36,7 +36,9 @@ thread_local! {
         let (workers, mut inboxes) = Workers::new(1);
         let relay = Arc::new(Relay::new(Config::parse(CONFIG).unwrap(), workers).unwrap());
         let start = StartSession { device: "dev-1".into(), service: "ssh".into(), ttl_secs: None };
-        let started = relay.registry.start_session("fuzz", "127.0.0.1:1", start, "relay").unwrap();
+        // The in-memory registry's session start is ready at once; a runtime polls it.
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let started = rt.block_on(relay.registry.start_session("fuzz", "127.0.0.1:1", start, "relay")).unwrap();
         let conn = relay.registry.client_conn(&started.id, &started.client_token, "127.0.0.1:2".parse().unwrap()).unwrap();
         World { relay, inbox: std::cell::RefCell::new(inboxes.remove(0)), conn: conn.conn }
     };

@@ -310,7 +310,7 @@ async fn agent_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, peer: Sock
 
 async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Upgrade {
     let token = bearer(&req).unwrap_or("");
-    if let Some(home) = relay.registry.elsewhere(&session, token) {
+    if let Some(home) = elsewhere(&req, &relay, &session, token) {
         let home = home.map_err(|r| Box::new(refused(&relay, r)))?;
         return forward(req, relay, home, peer).await;
     }
@@ -345,7 +345,7 @@ async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(DataSo
 
 async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Upgrade {
     let token = bearer(&req).unwrap_or("");
-    if let Some(home) = relay.registry.elsewhere(&session, token) {
+    if let Some(home) = elsewhere(&req, &relay, &session, token) {
         let home = home.map_err(|r| Box::new(refused(&relay, r)))?;
         return forward(req, relay, home, peer).await;
     }
@@ -371,6 +371,16 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
 /// proof of membership, and the client's address as it saw it.
 const FORWARDED: &str = "x-ringway-forwarded";
 const FORWARDED_FOR: &str = "x-ringway-forwarded-for";
+
+/// Where a connection for a session living on another node goes. A connection another node
+/// forwarded is never forwarded again (two nodes whose mirrors disagree for a moment would
+/// otherwise pass it back and forth): it is served here or refused.
+fn elsewhere(req: &Request<Incoming>, relay: &Relay, session: &str, token: &str) -> Option<Result<Forward, Refusal>> {
+    if req.headers().contains_key(FORWARDED) {
+        return None;
+    }
+    relay.registry.elsewhere(session, token)
+}
 
 /// The client's address a forwarding node vouches for; a forged vouch is refused.
 fn forwarded_for(req: &Request<Incoming>, relay: &Relay, session: &str) -> Result<Option<SocketAddr>, Box<Resp>> {

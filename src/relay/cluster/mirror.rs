@@ -72,20 +72,54 @@ impl Mirror {
         self.maps().nodes.get(node).map(|n| n.record.advertise.clone())
     }
 
-    pub fn set_device(&self, device: &str, record: Option<(DeviceRecord, u64)>) {
+    /// Sets `device`'s record; false (and nothing changes) if the mirror holds a newer one.
+    pub fn set_device(&self, device: &str, record: Option<(DeviceRecord, u64)>) -> bool {
         let mut maps = self.maps();
         match record {
-            Some(r) => maps.devices.insert(device.to_string(), r),
-            None => maps.devices.remove(device),
-        };
+            Some((r, rev)) => {
+                if maps.devices.get(device).is_some_and(|(_, have)| *have > rev) {
+                    return false;
+                }
+                maps.devices.insert(device.to_string(), (r, rev));
+            }
+            None => {
+                maps.devices.remove(device);
+            }
+        }
+        true
     }
 
-    pub fn set_session(&self, id: &str, record: Option<(SessionRecord, u64)>) {
+    /// A delete at `revision`: forgets the record unless a newer one is held.
+    pub fn forget_device(&self, device: &str, revision: u64) {
+        let mut maps = self.maps();
+        if maps.devices.get(device).is_some_and(|(_, have)| *have < revision) {
+            maps.devices.remove(device);
+        }
+    }
+
+    /// Sets session `id`'s record; false (and nothing changes) if the mirror holds a newer one.
+    pub fn set_session(&self, id: &str, record: Option<(SessionRecord, u64)>) -> bool {
         let mut maps = self.maps();
         match record {
-            Some(r) => maps.sessions.insert(id.to_string(), r),
-            None => maps.sessions.remove(id),
-        };
+            Some((r, rev)) => {
+                if maps.sessions.get(id).is_some_and(|(_, have)| *have > rev) {
+                    return false;
+                }
+                maps.sessions.insert(id.to_string(), (r, rev));
+            }
+            None => {
+                maps.sessions.remove(id);
+            }
+        }
+        true
+    }
+
+    /// A delete at `revision`: forgets the record unless a newer one is held.
+    pub fn forget_session(&self, id: &str, revision: u64) {
+        let mut maps = self.maps();
+        if maps.sessions.get(id).is_some_and(|(_, have)| *have < revision) {
+            maps.sessions.remove(id);
+        }
     }
 
     /// A device or session record was overwritten with something that does not verify: keep
@@ -153,7 +187,11 @@ mod tests {
         let dev = DeviceRecord { node: "n2".into(), online: true, services: vec![], since: 0, addr: String::new() };
         m.set_device("d", Some((dev.clone(), 7)));
         assert_eq!(m.owner("d"), None, "a device held by a dead node has no owner");
-        m.set_device("d", Some((DeviceRecord { node: "n1".into(), ..dev }, 8)));
+        assert!(m.set_device("d", Some((DeviceRecord { node: "n1".into(), ..dev.clone() }, 8))));
+        assert_eq!(m.owner("d").as_deref(), Some("n1"));
+        // A late event of an older revision changes nothing; nor does an older delete.
+        assert!(!m.set_device("d", Some((dev, 7))));
+        m.forget_device("d", 6);
         assert_eq!(m.owner("d").as_deref(), Some("n1"));
         m.node_gone("n1");
         assert_eq!(m.owner("d"), None);

@@ -300,22 +300,28 @@ impl Inner {
             Bucket::Devices if put => {
                 let record: DeviceRecord = verified!();
                 let elsewhere = record.node != self.node;
-                self.mirror.set_device(key, Some((record, e.revision)));
+                // An event older than what this node wrote itself (its own compare-and-swap
+                // went to the mirror at once) says nothing about the owner now.
+                let fresh = self.mirror.set_device(key, Some((record, e.revision)));
                 // Fencing: another node took the device; this node's connection is stale.
-                if elsewhere && self.local.evict_agent(key, CloseReason::AgentReplaced) {
+                if fresh && elsewhere && self.local.evict_agent(key, CloseReason::AgentReplaced) {
                     tracing::info!(device = key, "device taken by another node: closed its stale agent connection");
                 }
             }
-            Bucket::Devices => self.mirror.set_device(key, None),
+            Bucket::Devices => {
+                self.mirror.forget_device(key, e.revision);
+            }
             Bucket::Sessions if put => {
                 let record: SessionRecord = verified!();
                 let elsewhere = record.node != self.node;
-                self.mirror.set_session(key, Some((record, e.revision)));
-                if elsewhere && self.local.has_session(key) {
+                let fresh = self.mirror.set_session(key, Some((record, e.revision)));
+                if fresh && elsewhere && self.local.has_session(key) {
                     self.local.release_session(key);
                 }
             }
-            Bucket::Sessions => self.mirror.set_session(key, None),
+            Bucket::Sessions => {
+                self.mirror.forget_session(key, e.revision);
+            }
         }
     }
 
@@ -412,7 +418,7 @@ impl Inner {
     async fn close_here(&self, caller: Caller<'_>, id: &str) -> bool {
         let found = self.local.close_session_as(caller, id);
         if found {
-            let _ = self.local.take_ended();
+            // Removed now rather than at the next reconcile (which finds it gone).
             if let Some((_, rev)) = self.mirror.session(id) {
                 if let Err(e) = self.store.remove(&self.store.sessions, id, rev).await {
                     self.failed("removing a closed session", &e);
@@ -512,6 +518,24 @@ impl Inner {
 
         // Devices: this node's agents as they are; stale holds let go; dead nodes' records go.
         let agents = self.local.agents();
+        for a in agents.iter().filter(|a| a.linked && self.mirror.device(&a.device).is_none()) {
+            // Linked here with no record (a record removed between a claim and its link):
+            // written again, unless someone wrote one meanwhile.
+            let record = DeviceRecord {
+                node: self.node.clone(),
+                online: true,
+                services: a.services.clone(),
+                since: a.since,
+                addr: a.addr.map(|x| x.to_string()).unwrap_or_default(),
+            };
+            match self.store.write(devices, &a.device, &record, None).await {
+                Ok(rev) => {
+                    self.mirror.set_device(&a.device, Some((record, rev)));
+                }
+                Err(StoreError::Conflict) => {}
+                Err(e) => self.failed("writing a device's record", &e),
+            }
+        }
         for (device, record, rev) in self.mirror.devices() {
             let here = agents.iter().find(|a| a.device == device);
             if record.node == self.node {
@@ -589,7 +613,9 @@ impl Inner {
             };
             if let Some(fresh) = write {
                 match self.store.write(sessions, &id, &fresh, Some(rev)).await {
-                    Ok(rev) => self.mirror.set_session(&id, Some((fresh, rev))),
+                    Ok(rev) => {
+                        self.mirror.set_session(&id, Some((fresh, rev)));
+                    }
                     Err(StoreError::Conflict) => {}
                     Err(e) => self.failed("writing a session's state", &e),
                 }
