@@ -51,27 +51,6 @@ fn session_starts(relay: &Relay, n: usize) -> (f64, f64) {
     (percentile(&times, 0.5), percentile(&times, 0.99))
 }
 
-/// A service that sinks what it gets and sends `len` bytes back at the same time.
-fn source_sink(len: u64) -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            let mut w = s.try_clone().unwrap();
-            thread::spawn(move || {
-                send_noise(&mut w, 3, len);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-            thread::spawn(move || {
-                let mut r = s;
-                read_all_sum(&mut r);
-            });
-        }
-    });
-    addr
-}
-
 /// One tunnel, `len` bytes each way at once, `connect` asking `api`; the bytes go through
 /// `carriers`. Returns (MB/s each way, each carrier's CPU seconds per GB forwarded).
 fn bulk(api: &Relay, carriers: &[&Relay], len: u64) -> (f64, Vec<f64>) {
@@ -184,7 +163,7 @@ fn main() {
         String::from_utf8_lossy(&nats_version.stdout).trim()
     );
 
-    let service = source_sink(len);
+    let service = source_sink_service(len, 3).0;
     let svc = format!("bulk={service}");
 
     // The single node first, then the cluster, in the same run.
@@ -212,16 +191,12 @@ fn main() {
     // Behind one public_url (n3 stands in for the load balancer's pick): n3 forwards to n2.
     let nats = Nats::start();
     let port = TcpListener::bind("127.0.0.3:0").unwrap().local_addr().unwrap().port();
-    let on = |name: &str, host: u8| {
-        let config = format!(
-            "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"http://127.0.0.{host}:0\"\n\
-             peer_key = \"{PEER_KEY}\"\npublic_url = \"http://127.0.0.3:{port}\"\n{LIMITS}",
-            nats.url()
-        );
-        let listen = if host == 3 { format!("127.0.0.3:{port}") } else { format!("127.0.0.{host}:0") };
-        Relay::start_on(&listen, "epoll", &config)
-    };
-    let nodes = [on("n1", 1), on("n2", 2), on("n3", 3)];
+    let public = format!("public_url = \"http://127.0.0.3:{port}\"\n{LIMITS}");
+    let nodes = [
+        node_on(&nats, "n1", "127.0.0.1:0", &public),
+        node_on(&nats, "n2", "127.0.0.2:0", &public),
+        node_on(&nats, "n3", &format!("127.0.0.3:{port}"), &public),
+    ];
     let agent = spawn_agent(&nodes[1].url(), std::slice::from_ref(&svc));
     nodes[0].wait_device_online(DEVICE_ID, true);
     let (f_mbps, f_cpu) = bulk(&nodes[0], &[&nodes[1], &nodes[2]], len);

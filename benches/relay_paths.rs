@@ -8,32 +8,11 @@
 #[path = "../tests/util.rs"]
 mod util;
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::Instant;
 
 use util::*;
-
-/// A service that sinks what it gets and sends `len` bytes back at the same time.
-fn source_sink(len: u64) -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            let mut w = s.try_clone().unwrap();
-            thread::spawn(move || {
-                send_noise(&mut w, 3, len);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-            thread::spawn(move || {
-                let mut r = s;
-                read_all_sum(&mut r);
-            });
-        }
-    });
-    addr
-}
 
 /// Returns (MB/s each way, relay CPU seconds per GB forwarded).
 fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
@@ -43,7 +22,7 @@ fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
     let extra = if tls { format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n") } else { String::new() };
     let relay = Relay::start(backend, &extra);
     let url = format!("{}://127.0.0.1:{}", if tls { "https" } else { "http" }, relay.addr.port());
-    let service = source_sink(len);
+    let service = source_sink_service(len, 3).0;
     let svc = format!("bulk={service}");
     let (_agent, _) = Proc::spawn(
         "agent",

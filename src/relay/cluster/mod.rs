@@ -36,6 +36,7 @@ use self::mirror::Mirror;
 use self::store::{hash_bytes, token_hash, Answer, Ask, DeviceRecord, NodeRecord, SessionRecord, Store, StoreError};
 use super::ending::CloseReason;
 use super::handoff::{ConnEnd, ConnEnds};
+use super::metrics::sample;
 use super::registry::memory::{new_session_id, MemoryRegistry};
 use super::registry::{AgentLink, Caller, Claim, ClientConn, Forward, Pending, Refusal, Registry};
 use crate::config::{Cluster, Config, Credential, Role, Secret};
@@ -944,10 +945,7 @@ impl Registry for ClusterRegistry {
         let h = &inner.health;
         let connected = inner.store.client.connection_state() == async_nats::connection::State::Connected;
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            use std::fmt::Write;
-            let _ = writeln!(out, "# HELP ringway_{name} {help}\n# TYPE ringway_{name} {kind}\nringway_{name} {value}");
-        };
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| sample(&mut out, name, kind, help, value);
         metric(
             "cluster_nodes_seen",
             "gauge",
