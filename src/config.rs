@@ -316,6 +316,14 @@ pub struct Cluster {
     /// CA certificate (PEM) to verify `tls://` NATS servers with.
     #[serde(default)]
     pub nats_ca: Option<std::path::PathBuf>,
+    /// Copies of each registry bucket the NATS cluster keeps (1 for a single NATS server; 3 for
+    /// a NATS cluster that should survive losing a server).
+    #[serde(default = "Cluster::default_replicas")]
+    pub replicas: usize,
+    /// CA certificate (PEM) to verify other nodes' `https://` `advertise` with when forwarding
+    /// to them; absent: the system's roots.
+    #[serde(default)]
+    pub peer_ca: Option<std::path::PathBuf>,
     /// A node not heard from for this long is dead: its devices show offline and other nodes
     /// take over its agents and sessions. A node that cannot reach NATS for this long closes
     /// its agents' control connections (it can no longer prove it owns their devices).
@@ -333,6 +341,10 @@ impl Cluster {
 
     fn default_name() -> String {
         "ringway".into()
+    }
+
+    fn default_replicas() -> usize {
+        1
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -368,6 +380,9 @@ impl Cluster {
         }
         if self.nats_token.is_some() && self.nats_credentials.is_some() {
             invalid!("give either cluster.nats_token or cluster.nats_credentials, not both");
+        }
+        if !(1..=5).contains(&self.replicas) {
+            invalid!("cluster.replicas {} is outside 1..=5 (JetStream's limit)", self.replicas);
         }
         if !(3..=300).contains(&self.node_lifetime_secs) {
             invalid!("cluster.node_lifetime_secs {} is outside 3..=300", self.node_lifetime_secs);
@@ -636,7 +651,7 @@ mod tests {
         let example = include_str!("../examples/cluster-node.toml");
         assert!(example.ends_with(block), "README's [cluster] block and examples/cluster-node.toml differ");
         let c = Config::parse(example).unwrap().cluster.expect("[cluster]");
-        assert_eq!((c.node_lifetime_secs, c.name.as_str()), (Cluster::default_lifetime(), "ringway"));
+        assert_eq!((c.node_lifetime_secs, c.name.as_str(), c.replicas), (Cluster::default_lifetime(), "ringway", 1));
         assert!(c.public_url.is_none());
     }
 

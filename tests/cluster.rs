@@ -458,3 +458,66 @@ fn two_hundred_agents_whose_node_dies_all_come_back_online_on_the_others() {
         a.join().unwrap();
     }
 }
+
+#[test]
+fn tls_nodes_forward_to_each_other_verified_with_peer_ca() {
+    const LEN: u64 = 4 << 20;
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_pki(dir.path(), "cluster");
+    let (ca, cert, key) = (ca.display().to_string(), cert.display().to_string(), key.display().to_string());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let on = |name: &str, listen: &str| {
+        let config = format!(
+            "[cluster]\nnode = \"{name}\"\nnats = [\"{}\"]\nadvertise = \"https://localhost:{}\"\n\
+             public_url = \"https://localhost:{port}\"\npeer_key = \"{PEER_KEY}\"\npeer_ca = \"{ca}\"\n\
+             [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+            nats.url(),
+            listen.rsplit(':').next().unwrap()
+        );
+        Relay::start_on(listen, "epoll", &config)
+    };
+    // n1 is the public name; the device is on n2, which n1 reaches over TLS.
+    let nodes = [on("n1", &format!("127.0.0.1:{port}")), on("n2", "127.0.0.1:0")];
+    let (service, received, service_sent) = source_sink_service(LEN, 5);
+    let n2 = format!("https://localhost:{}", nodes[1].addr.port());
+    let svc = format!("bulk={service}");
+    let args = ["agent", "--relay", &n2, "--ca", &ca, "--device", DEVICE_ID, "--key", DEVICE_KEY, "--service", &svc];
+    let (agent, _) = Proc::spawn("agent", &args, false);
+    let held = wait_until("dev-1 online", Duration::from_secs(15), || {
+        let body = tls_get(&nodes[0], &ca, "/api/v1/devices");
+        body.contains(r#""online":true"#).then_some(body)
+    });
+    assert!(held.contains(r#""node":"n2""#), "{held}: {}", agent.stderr());
+    let n1 = format!("https://localhost:{port}");
+    let args =
+        ["connect", "--relay", &n1, "--ca", &ca, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "bulk"];
+    let (_connect, local) = Proc::spawn("connect", &args, true);
+    let (got, sent) = bulk_both_ways(local.unwrap(), LEN, 6);
+    let device_got = received.recv_timeout(Duration::from_secs(60)).expect("the service saw the stream end");
+    assert_eq!(got, service_sent, "device -> client checksum differs");
+    assert_eq!(device_got, sent, "client -> device checksum differs");
+    let forwarded = wait_until("n1 counts its forwarded bytes", Duration::from_secs(10), || {
+        let v = tls_metric(&nodes[0], &ca, "ringway_forwarded_bytes_total");
+        (v >= 2 * LEN).then_some(v)
+    });
+    assert!(forwarded >= 2 * LEN);
+}
+
+/// `GET path` on a TLS relay, verified with `ca`, through ringway's own HTTP client.
+fn tls_get(relay: &Relay, ca: &str, path: &str) -> String {
+    let url =
+        ringway::peer::RelayUrl::parse_with_ca(&format!("https://localhost:{}", relay.addr.port()), Some(ca.as_ref()))
+            .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let body = rt.block_on(ringway::peer::api(&url, hyper::Method::GET, path, OPERATOR_TOKEN, None));
+    String::from_utf8_lossy(&body.unwrap_or_default()).into_owned()
+}
+
+fn tls_metric(relay: &Relay, ca: &str, name: &str) -> u64 {
+    tls_get(relay, ca, "/metrics")
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{node=")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}

@@ -399,7 +399,8 @@ fn forwarded_for(req: &Request<Incoming>, relay: &Relay, session: &str) -> Resul
 async fn forward(mut req: Request<Incoming>, relay: Arc<Relay>, home: Forward, peer: SocketAddr) -> Upgrade {
     let path = req.uri().path_and_query().map_or_else(|| req.uri().path().to_string(), |p| p.to_string());
     let token = bearer(&req).unwrap_or("").to_string();
-    let target = crate::peer::RelayUrl::parse(&home.advertise)
+    let peer_ca = relay.config.cluster.as_ref().and_then(|c| c.peer_ca.as_deref());
+    let target = crate::peer::RelayUrl::parse_with_ca(&home.advertise, peer_ca)
         .map_err(|e| Box::new(error(StatusCode::BAD_GATEWAY, format!("node {}: {e:#}", home.node))))?;
     let headers = [(FORWARDED, home.proof), (FORWARDED_FOR, peer.to_string())];
     let deadline = Duration::from_secs(relay.config.limits.handshake_timeout_secs);
@@ -420,14 +421,69 @@ async fn forward(mut req: Request<Incoming>, relay: Arc<Relay>, home: Forward, p
     tracing::debug!(node = home.node, %peer, path, "forwarding a connection to the session's node");
     tokio::task::spawn_local(async move {
         let Ok(ws) = fut.await else { return };
-        let (mut ours, mut theirs) = (ws.into_inner(), theirs);
-        if let Ok((up, down)) =
-            tokio::io::copy_bidirectional_with_sizes(&mut ours, &mut theirs, 64 << 10, 64 << 10).await
-        {
-            relay.metrics.forwarded_bytes.fetch_add(up + down, std::sync::atomic::Ordering::Relaxed);
-        }
+        let mut ours = Counted { io: ws.into_inner(), relay: relay.clone() };
+        let mut theirs = theirs;
+        // Ends when both directions are done, or at the first error (a TLS peer that vanishes
+        // without close_notify is one); the bytes were counted as they passed.
+        let _ = tokio::io::copy_bidirectional_with_sizes(&mut ours, &mut theirs, 64 << 10, 64 << 10).await;
     });
     Ok(resp)
+}
+
+/// The client side of a forwarded connection, counting what passes (both ways) into
+/// `ringway_forwarded_bytes_total` as it goes.
+struct Counted<T> {
+    io: T,
+    relay: Arc<Relay>,
+}
+
+impl<T> Counted<T> {
+    fn count(&self, n: usize) {
+        self.relay.metrics.forwarded_bytes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            self.count(buf.filled().len() - before);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.count(n);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// An admitted client connection that never reached the data plane: its end is reported.

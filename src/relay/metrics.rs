@@ -51,7 +51,7 @@ pub struct Metrics {
     pub connections_opened: AtomicU64,
     pub connections_closed: AtomicU64,
     /// Cluster: client and control connections this node forwarded to the session's node, and
-    /// their bytes both ways (counted when each ends).
+    /// their bytes both ways (counted as they pass).
     pub forwarded_connections: AtomicU64,
     pub forwarded_bytes: AtomicU64,
     pub tunnels_active: AtomicU64,
@@ -100,7 +100,7 @@ impl Metrics {
         metric(
             "forwarded_bytes_total",
             "counter",
-            "Bytes of forwarded connections, both ways, counted when each ends.",
+            "Bytes of forwarded connections, both ways.",
             self.forwarded_bytes.load(Relaxed),
         );
         metric(

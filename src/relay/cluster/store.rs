@@ -153,6 +153,7 @@ impl Store {
             bucket: format!("{}_{suffix}", c.name),
             history: 1,
             max_age,
+            num_replicas: c.replicas,
             ..Default::default()
         };
         let open = |config: kv::Config| {
