@@ -18,7 +18,7 @@
 #[path = "../tests/util.rs"]
 mod util;
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread;
@@ -60,15 +60,7 @@ fn bulk(api: &Relay, carriers: &[&Relay], len: u64) -> (f64, Vec<f64>) {
     thread::sleep(Duration::from_millis(300));
     let cpu0: Vec<f64> = carriers.iter().map(|c| proc_cpu_secs(c.proc.pid())).collect();
     let began = Instant::now();
-    let tcp = TcpStream::connect(local.unwrap()).unwrap();
-    let mut w = tcp.try_clone().unwrap();
-    let sender = thread::spawn(move || {
-        send_noise(&mut w, 9, len);
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut r = tcp;
-    let (_, got) = read_all_sum(&mut r);
-    sender.join().unwrap();
+    let ((_, got), _) = bulk_both_ways(local.unwrap(), len, 9);
     let secs = began.elapsed().as_secs_f64();
     assert_eq!(got, len, "short transfer");
     let gb = 2.0 * len as f64 / 1e9;

@@ -8,7 +8,6 @@
 #[path = "../tests/util.rs"]
 mod util;
 
-use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::Instant;
 
@@ -57,15 +56,7 @@ fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
     thread::sleep(std::time::Duration::from_millis(300));
     let cpu0 = proc_cpu_secs(relay.proc.pid());
     let began = Instant::now();
-    let tcp = TcpStream::connect(local).unwrap();
-    let mut w = tcp.try_clone().unwrap();
-    let sender = thread::spawn(move || {
-        send_noise(&mut w, 9, len);
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut r = tcp;
-    let (_, got) = read_all_sum(&mut r);
-    sender.join().unwrap();
+    let ((_, got), _) = bulk_both_ways(local, len, 9);
     let secs = began.elapsed().as_secs_f64();
     let cpu = proc_cpu_secs(relay.proc.pid()) - cpu0;
     assert_eq!(got, len, "short transfer");

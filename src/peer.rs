@@ -57,14 +57,20 @@ impl RelayUrl {
             Some("https" | "wss") => true,
             _ => bail!("relay URL {s}: use http(s)://HOST:PORT or ws(s)://HOST:PORT"),
         };
-        let host = uri.host().ok_or_else(|| anyhow!("relay URL {s} has no host"))?;
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         if !matches!(uri.path(), "" | "/") {
             bail!("relay URL {s}: give only scheme, host and port (no path)");
         }
+        let (authority, host) = authority_of(&uri, tls).with_context(|| format!("relay URL {s}"))?;
         let tls = if tls { Some(crate::tls::client_config(ca)?) } else { None };
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        Ok(RelayUrl { authority: format!("{}:{port}", uri.host().unwrap_or_default()), host, tls })
+        Ok(RelayUrl { authority, host, tls })
+    }
+
+    /// The relay node a full URL (a session's `client_url`) names, reached the way this one is
+    /// (plain, or TLS verified against the same roots), and the URL's path.
+    pub fn at(&self, url: &str) -> anyhow::Result<(RelayUrl, String)> {
+        let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+        let (authority, host) = authority_of(&uri, self.tls.is_some()).with_context(|| url.to_string())?;
+        Ok((RelayUrl { authority, host, tls: self.tls.clone() }, url_path(url)?))
     }
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Stream>> {
@@ -111,20 +117,12 @@ impl RelayUrl {
     }
 }
 
-impl RelayUrl {
-    /// The relay node a full URL (a session's `client_url`) names, reached the way this one is
-    /// (plain, or TLS verified against the same roots), and the URL's path.
-    pub fn at(&self, url: &str) -> anyhow::Result<(RelayUrl, String)> {
-        let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
-        let host = uri.host().ok_or_else(|| anyhow!("{url} has no host"))?;
-        let port = uri.port_u16().unwrap_or(if self.tls.is_some() { 443 } else { 80 });
-        let node = RelayUrl {
-            authority: format!("{host}:{port}"),
-            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
-            tls: self.tls.clone(),
-        };
-        Ok((node, url_path(url)?))
-    }
+/// `host:port` as dialed and sent in `Host` (the default port for the scheme when none is
+/// given), and the bare host for TLS server names (IPv6 brackets off).
+fn authority_of(uri: &hyper::Uri, tls: bool) -> anyhow::Result<(String, String)> {
+    let host = uri.host().ok_or_else(|| anyhow!("no host"))?;
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Ok((format!("{host}:{port}"), host.trim_start_matches('[').trim_end_matches(']').to_string()))
 }
 
 /// The path and query of a full URL (as the relay returns in `client_url`).

@@ -393,10 +393,13 @@ fn forwarded_for(req: &Request<Incoming>, relay: &Relay, session: &str) -> Resul
 }
 
 /// A connection for a session that lives on another node (behind `public_url`, or a client
-/// that came to the wrong node): the WebSocket handshake is made with that node first (its
-/// refusal is the client's answer), then the client's `101`, then the bytes are moved both
-/// ways as they are; the session's node unmasks and forwards as for any client.
+/// that came to the wrong node): once the client's handshake is checked, the WebSocket
+/// handshake is made with that node (its refusal is the client's answer), then the client gets
+/// its `101`, then the bytes are moved both ways as they are; the session's node unmasks and
+/// forwards as for any client.
 async fn forward(mut req: Request<Incoming>, relay: Arc<Relay>, home: Forward, peer: SocketAddr) -> Upgrade {
+    // The client's own handshake first: a request that is no WebSocket upgrade costs no dial.
+    let (resp, fut) = upgrade(&relay, &mut req)?;
     let path = req.uri().path_and_query().map_or_else(|| req.uri().path().to_string(), |p| p.to_string());
     let token = bearer(&req).unwrap_or("").to_string();
     let peer_ca = relay.config.cluster.as_ref().and_then(|c| c.peer_ca.as_deref());
@@ -416,7 +419,6 @@ async fn forward(mut req: Request<Incoming>, relay: Arc<Relay>, home: Forward, p
             return Err(Box::new(error(StatusCode::GATEWAY_TIMEOUT, format!("node {} did not answer", home.node))))
         }
     };
-    let (resp, fut) = upgrade(&relay, &mut req)?;
     relay.metrics.forwarded_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::debug!(node = home.node, %peer, path, "forwarding a connection to the session's node");
     tokio::task::spawn_local(async move {

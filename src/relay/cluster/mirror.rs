@@ -74,52 +74,22 @@ impl Mirror {
 
     /// Sets `device`'s record; false (and nothing changes) if the mirror holds a newer one.
     pub fn set_device(&self, device: &str, record: Option<(DeviceRecord, u64)>) -> bool {
-        let mut maps = self.maps();
-        match record {
-            Some((r, rev)) => {
-                if maps.devices.get(device).is_some_and(|(_, have)| *have > rev) {
-                    return false;
-                }
-                maps.devices.insert(device.to_string(), (r, rev));
-            }
-            None => {
-                maps.devices.remove(device);
-            }
-        }
-        true
+        set_newer(&mut self.maps().devices, device, record)
     }
 
     /// A delete at `revision`: forgets the record unless a newer one is held.
     pub fn forget_device(&self, device: &str, revision: u64) {
-        let mut maps = self.maps();
-        if maps.devices.get(device).is_some_and(|(_, have)| *have < revision) {
-            maps.devices.remove(device);
-        }
+        forget_older(&mut self.maps().devices, device, revision)
     }
 
     /// Sets session `id`'s record; false (and nothing changes) if the mirror holds a newer one.
     pub fn set_session(&self, id: &str, record: Option<(SessionRecord, u64)>) -> bool {
-        let mut maps = self.maps();
-        match record {
-            Some((r, rev)) => {
-                if maps.sessions.get(id).is_some_and(|(_, have)| *have > rev) {
-                    return false;
-                }
-                maps.sessions.insert(id.to_string(), (r, rev));
-            }
-            None => {
-                maps.sessions.remove(id);
-            }
-        }
-        true
+        set_newer(&mut self.maps().sessions, id, record)
     }
 
     /// A delete at `revision`: forgets the record unless a newer one is held.
     pub fn forget_session(&self, id: &str, revision: u64) {
-        let mut maps = self.maps();
-        if maps.sessions.get(id).is_some_and(|(_, have)| *have < revision) {
-            maps.sessions.remove(id);
-        }
+        forget_older(&mut self.maps().sessions, id, revision)
     }
 
     /// A device or session record was overwritten with something that does not verify: keep
@@ -166,6 +136,28 @@ impl Mirror {
 
     pub fn sessions(&self) -> Vec<(String, SessionRecord, u64)> {
         self.maps().sessions.iter().map(|(id, (r, rev))| (id.clone(), r.clone(), *rev)).collect()
+    }
+}
+
+/// Puts `record` (or removes the key for `None`) unless the map holds a newer revision.
+fn set_newer<R>(map: &mut HashMap<String, (R, u64)>, key: &str, record: Option<(R, u64)>) -> bool {
+    match record {
+        Some((_, rev)) if map.get(key).is_some_and(|(_, have)| *have > rev) => false,
+        Some(r) => {
+            map.insert(key.to_string(), r);
+            true
+        }
+        None => {
+            map.remove(key);
+            true
+        }
+    }
+}
+
+/// Removes `key` if what the map holds is older than `revision`.
+fn forget_older<R>(map: &mut HashMap<String, (R, u64)>, key: &str, revision: u64) {
+    if map.get(key).is_some_and(|(_, have)| *have < revision) {
+        map.remove(key);
     }
 }
 

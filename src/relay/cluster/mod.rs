@@ -22,6 +22,7 @@
 pub mod mirror;
 pub mod store;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -37,7 +38,7 @@ use self::store::{hash_bytes, token_hash, Answer, Ask, DeviceRecord, NodeRecord,
 use super::ending::CloseReason;
 use super::handoff::{ConnEnd, ConnEnds};
 use super::metrics::sample;
-use super::registry::memory::{new_session_id, MemoryRegistry};
+use super::registry::memory::{new_session_id, MemoryRegistry, SessionStats};
 use super::registry::{AgentLink, Caller, Claim, ClientConn, Forward, Pending, Refusal, Registry};
 use crate::config::{Cluster, Config, Credential, Role, Secret};
 use crate::proto::{DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession};
@@ -134,7 +135,9 @@ fn client_url(advertise: &str, id: &str) -> String {
 }
 
 impl ClusterRegistry {
-    /// Connects to NATS, opens the buckets, loads the mirror and starts the background tasks.
+    /// Connects to NATS, opens the buckets, writes the first heartbeat and starts the background
+    /// tasks (the watches fill the mirror within moments; ownership never relies on it: claims
+    /// read the record itself).
     /// Fails if NATS cannot be reached within a few seconds (a node that starts without its
     /// registry would refuse every agent).
     pub fn start(config: Arc<Config>, local: MemoryRegistry) -> anyhow::Result<ClusterRegistry> {
@@ -650,8 +653,11 @@ impl Inner {
         client_url(&base, id)
     }
 
-    fn session_info(&self, id: &str, r: &SessionRecord) -> SessionInfo {
-        let mut info = SessionInfo {
+    /// A session as listed: its record, with the live figures of this node's sessions
+    /// (`here`, gathered once per listing) instead of the record's last written ones.
+    fn session_info(&self, id: &str, r: &SessionRecord, here: &HashMap<Arc<str>, SessionStats>) -> SessionInfo {
+        let live = here.get(id).filter(|_| r.node == self.node);
+        SessionInfo {
             id: id.to_string(),
             device: r.device.clone(),
             service: r.service.clone(),
@@ -659,22 +665,17 @@ impl Inner {
             created_at: r.created_at,
             expires_at: r.expires_at,
             device_online: self.device_online(&r.device),
-            client_connected: r.client_connected,
-            connections: r.connections,
-            bytes_to_device: r.bytes_to_device,
-            bytes_to_client: r.bytes_to_client,
+            client_connected: live.map_or(r.client_connected, |s| s.client_connected),
+            connections: live.map_or(r.connections, |s| s.connections),
+            bytes_to_device: live.map_or(r.bytes_to_device, |s| s.bytes_to_device),
+            bytes_to_client: live.map_or(r.bytes_to_client, |s| s.bytes_to_client),
             node: Some(r.node.clone()),
             client_url: Some(self.client_url_at(&r.node, id)),
-        };
-        if r.node == self.node {
-            if let Some(s) = self.local.session_stats().into_iter().find(|s| *s.id == *id) {
-                info.connections = s.connections;
-                info.bytes_to_device = s.bytes_to_device;
-                info.bytes_to_client = s.bytes_to_client;
-                info.client_connected = s.client_connected;
-            }
         }
-        info
+    }
+
+    fn local_stats(&self) -> HashMap<Arc<str>, SessionStats> {
+        self.local.session_stats().into_iter().map(|s| (s.id.clone(), s)).collect()
     }
 
     fn device_online(&self, device: &str) -> bool {
@@ -743,13 +744,14 @@ impl Registry for ClusterRegistry {
     }
 
     fn sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
+        let here = self.inner.local_stats();
         let mut v: Vec<SessionInfo> = self
             .inner
             .mirror
             .sessions()
             .into_iter()
             .filter(|(_, r, _)| caller.may_see(&r.operator))
-            .map(|(id, r, _)| self.inner.session_info(&id, &r))
+            .map(|(id, r, _)| self.inner.session_info(&id, &r, &here))
             .collect();
         v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         v
@@ -757,7 +759,7 @@ impl Registry for ClusterRegistry {
 
     fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo> {
         let (r, _) = self.inner.mirror.session(id).filter(|(r, _)| caller.may_see(&r.operator))?;
-        Some(self.inner.session_info(id, &r))
+        Some(self.inner.session_info(id, &r, &self.inner.local_stats()))
     }
 
     fn close_session_as<'a>(&'a self, caller: Caller<'a>, id: &'a str) -> Pending<'a, Result<bool, Refusal>> {
