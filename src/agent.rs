@@ -155,14 +155,18 @@ async fn connect(
     };
     let _ = tcp.set_nodelay(true);
     let path = format!("/api/v1/sessions/{session}/device?conn={conn}");
-    let ws = match peer::dial(&relay, &path, &token).await {
+    let ws = match peer::dial_data(&relay, &path, &token).await {
         Ok(ws) => ws,
         Err(e) => {
             tracing::warn!(session, conn, "dialing the relay's device endpoint: {e:#}");
             return;
         }
     };
+    // A task of its own, sized for the splice alone: the dialing above took more state than an
+    // idle connection should keep for its lifetime.
     let (r, w) = tcp.into_split();
-    let end = peer::splice(r, w, ws).await;
-    tracing::debug!(session, conn, up = end.bytes_up, down = end.bytes_down, close = ?end.close, "connection ended");
+    tokio::spawn(async move {
+        let end = crate::splice::splice(r, w, ws).await;
+        tracing::debug!(session, conn, up = end.bytes_up, down = end.bytes_down, close = ?end.close, "connection ended");
+    });
 }

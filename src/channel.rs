@@ -352,7 +352,7 @@ fn text(bytes: Vec<u8>) -> Result<Checked, Violation> {
 }
 
 /// A frame that owns its payload.
-pub(crate) trait IntoStatic {
+trait IntoStatic {
     fn into_static(self) -> Frame<'static>;
 }
 

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::channel::{self, Incoming};
 use crate::peer::{self, RelayUrl};
 use crate::proto::{printable, SessionEvent, SessionStarted, StartSession};
+use crate::splice::{LocalWrite, SpliceEnd};
 
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -87,15 +88,20 @@ impl Session {
         Ok(Session { relay: opts.relay.clone(), started, operator_token: opts.token.clone(), ended, home })
     }
 
-    /// Opens one data connection and splices `r`/`w` over it until both sides are done.
-    pub async fn carry<R, W>(&self, r: R, w: W) -> anyhow::Result<peer::SpliceEnd>
-    where
-        R: tokio::io::AsyncRead + Unpin + Send + 'static,
-        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
+    /// Opens one data connection to the session's node.
+    pub async fn dial(&self) -> anyhow::Result<crate::splice::DataWs> {
         let home = self.home.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let ws = peer::dial(&home.node, &home.data_path, &self.started.client_token).await?;
-        Ok(peer::splice(r, w, ws).await)
+        peer::dial_data(&home.node, &home.data_path, &self.started.client_token).await
+    }
+
+    /// Opens one data connection and splices `r`/`w` over it until both sides are done.
+    pub async fn carry<R, W>(&self, r: R, w: W) -> anyhow::Result<SpliceEnd>
+    where
+        R: tokio::io::AsyncRead + Unpin + Send,
+        W: LocalWrite,
+    {
+        let ws = self.dial().await?;
+        Ok(crate::splice::splice(r, w, ws).await)
     }
 
     /// Serves `listener` until the session ends or `stop` resolves.
@@ -109,11 +115,14 @@ impl Session {
                     let _ = tcp.set_nodelay(true);
                     let session = self.clone();
                     tokio::spawn(async move {
+                        let ws = match session.dial().await {
+                            Ok(ws) => ws,
+                            Err(e) => return tracing::warn!(%from, "{e:#}"),
+                        };
+                        // A task of its own, sized for the splice alone: the dialing took more
+                        // state than an idle connection should keep for its lifetime.
                         let (r, w) = tcp.into_split();
-                        match session.carry(r, w).await {
-                            Ok(end) => report(from, &end),
-                            Err(e) => tracing::warn!(%from, "{e:#}"),
-                        }
+                        tokio::spawn(async move { report(from, &crate::splice::splice(r, w, ws).await) });
                     });
                 }
                 _ = ended.wait_for(Option::is_some) => return,
@@ -264,7 +273,7 @@ async fn follow(ws: peer::Ws, grace: &mut Duration) -> Attachment {
     }
 }
 
-fn report(from: SocketAddr, end: &peer::SpliceEnd) {
+fn report(from: SocketAddr, end: &SpliceEnd) {
     match &end.close {
         Some((1000, _)) | None => {
             tracing::debug!(%from, up = end.bytes_up, down = end.bytes_down, "connection done")

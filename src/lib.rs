@@ -10,7 +10,9 @@
 //! - [`agent`]: runs on the device; one control connection to the relay, dials only the
 //!   services its own configuration names.
 //! - [`client`]: `ringway connect` — starts a session and serves a local port.
-//! - [`peer`]: WebSocket/HTTP plumbing of the edge roles: dialing, API calls, the TCP splice.
+//! - [`peer`]: WebSocket/HTTP plumbing of the edge roles: dialing, handshakes, API calls.
+//! - [`splice`]: the edges' data path, one local stream over one data WebSocket, framed in
+//!   place with buffers held only while bytes are in hand.
 //! - [`channel`]: JSON control channels over WebSocket, bounded in every direction.
 //! - [`proto`]: the JSON messages and API bodies.
 //! - [`config`]: the relay's TOML configuration and the [`config::Secret`] type.
@@ -25,6 +27,7 @@ pub mod demo;
 pub mod peer;
 pub mod proto;
 pub mod relay;
+pub mod splice;
 pub mod tls;
 pub mod ws;
 

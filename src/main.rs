@@ -134,6 +134,7 @@ enum SessionAction {
 }
 
 fn main() -> ExitCode {
+    lean_edges();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -149,18 +150,39 @@ fn main() -> ExitCode {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT.
-fn wait_for_termination() -> anyhow::Result<()> {
+/// The edge roles run on devices where memory is scarce: no transparent huge pages for them.
+/// mimalloc asks for huge pages on its arenas, and with THP in `madvise` mode (Debian's default)
+/// each thread's first touch then faults in a whole 2 MiB page: 8 MiB of an idle agent's 15
+/// MiB RSS, measured. The relay keeps them (fewer TLB misses on its buffer pools).
+fn lean_edges() {
+    let role = std::env::args().nth(1);
+    if matches!(role.as_deref(), Some("agent" | "connect")) {
+        // SAFETY: prctl with an integer option and arguments touches no memory of ours.
+        unsafe {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        }
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT; on each SIGHUP, reloads the relay's configuration.
+fn wait_for_termination(relay: &ringway::relay::Relay) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // Refusals are logged by reload itself; the relay runs on either way.
+                    let _ = relay.reload();
+                }
+            }
         }
-        Ok(())
     })
 }
 
@@ -178,7 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let config = Config::load(&config)?;
             let running = relay::start(config, listen, backend)?;
             println!("listening on {}", running.addr);
-            wait_for_termination()?;
+            wait_for_termination(&running.relay)?;
             running.shutdown();
             Ok(0)
         }

@@ -1,27 +1,22 @@
 //! WebSocket and HTTP plumbing shared by the edge roles (agent, client, CLI): relay URLs,
-//! dialing with a bearer token, control-API calls, and the TCP⇄WebSocket splice. Plain tokio +
-//! fastwebsockets + hyper. (The JSON control channels are in [`crate::channel`].)
-//!
-//! fastwebsockets' `read_frame` is not cancel-safe, so it is never raced in `select!`: each
-//! socket is split and the read half lives in a task of its own.
+//! connections to the relay (plain or TLS, with TCP keepalive), WebSocket handshakes with a
+//! bearer token and control-API calls, on hyper. Control connections continue on
+//! fastwebsockets ([`crate::channel`]); data connections are handed to [`crate::splice`] as the
+//! bare connection.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket};
+use fastwebsockets::{Role, WebSocket};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
-
-use crate::channel::IntoStatic;
 
 /// The relay as the edge roles address it: `http://`/`ws://` (plain) or `https://`/`wss://`
 /// (TLS, the relay's certificate verified against the system roots or a given CA file).
@@ -39,9 +34,70 @@ impl std::fmt::Debug for RelayUrl {
     }
 }
 
-/// A byte stream to the relay, plain or TLS.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+/// A connection to the relay, plain or TLS: a concrete type, so that a data connection can be
+/// taken back from hyper after its handshake and split without a lock when it is plain.
+pub enum RelayConn {
+    Plain(TcpStream),
+    /// Boxed: a plain connection should not pay for rustls's state.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for RelayConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayConn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            RelayConn::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for RelayConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            RelayConn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            RelayConn::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayConn::Plain(s) => Pin::new(s).poll_flush(cx),
+            RelayConn::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayConn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            RelayConn::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl RelayConn {
+    /// Whether the TLS session was resumed (`None` for a plain connection).
+    pub fn resumed(&self) -> Option<bool> {
+        match self {
+            RelayConn::Plain(_) => None,
+            RelayConn::Tls(s) => Some(s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)),
+        }
+    }
+}
+
+/// TCP keepalive on every connection to the relay: a relay that vanished without a FIN or RST
+/// (power loss, a NAT that dropped the mapping) is noticed on a quiet connection within
+/// 60 s + 6 × 10 s = 2 minutes. (With data unacknowledged, the kernel's retransmission limit
+/// applies instead; no user timeout is set, since a slow reader far away legitimately holds a
+/// tunnel's window closed for longer.)
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
 
 impl RelayUrl {
     /// A relay URL; `https`/`wss` verify the relay against the system roots.
@@ -73,16 +129,21 @@ impl RelayUrl {
         Ok((RelayUrl { authority, host, tls: self.tls.clone() }, url_path(url)?))
     }
 
-    async fn connect(&self) -> anyhow::Result<Box<dyn Stream>> {
+    async fn connect(&self) -> anyhow::Result<RelayConn> {
         let tcp = TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("connecting to the relay at {}", self.authority))?;
         tcp.set_nodelay(true)?;
-        let Some(config) = &self.tls else { return Ok(Box::new(tcp)) };
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES);
+        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
+        let Some(config) = &self.tls else { return Ok(RelayConn::Plain(tcp)) };
         let name = rustls::pki_types::ServerName::try_from(self.host.clone())
             .with_context(|| format!("{:?} is not a valid TLS server name", self.host))?;
         match tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await {
-            Ok(tls) => Ok(Box::new(tls)),
+            Ok(tls) => Ok(RelayConn::Tls(Box::new(tls))),
             // A plain-HTTP answer to our ClientHello: rustls finds no TLS record in it.
             Err(e)
                 if matches!(
@@ -139,6 +200,19 @@ pub type Ws = WebSocket<TokioIo<Upgraded>>;
 pub async fn dial(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<Ws> {
     let upgraded = upgrade(relay, path, bearer, &[]).await?;
     Ok(WebSocket::after_handshake(upgraded, Role::Client))
+}
+
+/// Opens a data WebSocket to `path` on the relay: the handshake on hyper, then the connection
+/// itself (and any bytes that arrived behind the relay's 101) for [`crate::splice`].
+pub async fn dial_data(relay: &RelayUrl, path: &str, bearer: &str) -> anyhow::Result<crate::splice::DataWs> {
+    let upgraded = upgrade(relay, path, bearer, &[]).await?.into_inner();
+    let parts = upgraded
+        .downcast::<TokioIo<RelayConn>>()
+        .map_err(|_| anyhow!("the upgraded connection is not the one dialed"))?;
+    // What hyper read past the 101 is a slice of its whole read buffer: copy it (usually empty),
+    // or every idle connection would keep that buffer (8 KiB) alive.
+    let early = if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
+    Ok(crate::splice::DataWs { conn: parts.io.into_inner(), early })
 }
 
 /// The WebSocket handshake for `path` with `extra` headers, and the upgraded connection as
@@ -221,103 +295,4 @@ pub async fn api(
         bail!("{method} {path}: {status}: {}", error_text(&body));
     }
     Ok(body)
-}
-
-/// Code and reason of a Close payload.
-fn close_info(payload: &[u8]) -> Option<(u16, String)> {
-    (payload.len() >= 2)
-        .then(|| (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned()))
-}
-
-/// How a spliced connection ended, from the WebSocket side.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpliceEnd {
-    /// The Close the far side (or the relay) sent, if one arrived.
-    pub close: Option<(u16, String)>,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-}
-
-type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<TokioIo<Upgraded>>>;
-
-/// Carries one TCP connection over one data WebSocket, both ways, until both are done.
-///
-/// TCP half-close maps onto the close handshake: local EOF sends Close 1000 and keeps reading;
-/// a Close 1000 from the far side shuts our TCP write half and keeps sending until local EOF.
-/// Any other close code aborts both directions at once.
-pub async fn splice<R, W>(mut tcp_r: R, mut tcp_w: W, mut ws: Ws) -> SpliceEnd
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    ws.set_auto_close(false);
-    ws.set_max_message_size(64 << 20);
-    let (mut read, write) = ws.split(tokio::io::split);
-    let write: Arc<Mutex<WsWrite>> = Arc::new(Mutex::new(write));
-
-    let up_write = write.clone();
-    let mut up: Pin<Box<dyn Future<Output = u64> + Send>> = Box::pin(async move {
-        let mut buf = vec![0u8; 64 << 10];
-        let mut total = 0u64;
-        loop {
-            let n = match tcp_r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let frame = Frame::binary(Payload::Borrowed(&buf[..n]));
-            if up_write.lock().await.write_frame(frame).await.is_err() {
-                return total;
-            }
-            total += n as u64;
-        }
-        let _ = up_write.lock().await.write_frame(Frame::close(1000, b"")).await;
-        total
-    });
-
-    let down_write = write.clone();
-    let down = async move {
-        let mut total = 0u64;
-        let close = loop {
-            let w = down_write.clone();
-            let mut send = move |f: Frame<'_>| {
-                let owned = f.into_static();
-                let w = w.clone();
-                async move { w.lock().await.write_frame(owned).await }
-            };
-            match read.read_frame(&mut send).await {
-                Ok(f) => match f.opcode {
-                    OpCode::Binary | OpCode::Continuation | OpCode::Text => {
-                        // flush: a no-op for TCP, but stdout (--stdio) buffers until told.
-                        if tcp_w.write_all(&f.payload).await.is_err() || tcp_w.flush().await.is_err() {
-                            break None;
-                        }
-                        total += f.payload.len() as u64;
-                    }
-                    OpCode::Close => break Some(close_info(&f.payload).unwrap_or((1005, String::new()))),
-                    OpCode::Ping | OpCode::Pong => {}
-                },
-                Err(_) => break None,
-            }
-        };
-        let _ = tcp_w.shutdown().await;
-        (close, total)
-    };
-    tokio::pin!(down);
-
-    let mut bytes_up = None;
-    let (close, bytes_down) = tokio::select! {
-        r = &mut down => r,
-        n = &mut up => { bytes_up = Some(n); (&mut down).await }
-    };
-    let bytes_up = match (bytes_up, &close) {
-        (Some(n), _) => n,
-        // The far side finished cleanly: keep sending until our side is done too.
-        (None, Some((1000, _))) => up.await,
-        // Aborted: stop reading the local side; its socket closes when dropped.
-        _ => {
-            drop(up);
-            0
-        }
-    };
-    SpliceEnd { close, bytes_up, bytes_down }
 }

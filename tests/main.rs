@@ -11,6 +11,8 @@ mod hardening;
 mod hostile;
 mod in_process;
 mod leaks;
+mod reload;
 mod ssh;
+mod tcp_semantics;
 mod termination;
 mod tls;

@@ -29,14 +29,19 @@ pub struct Proc {
 impl Proc {
     /// Spawns `ringway ARGS` and waits for its stdout line `listening on ADDR` (if `wait_listen`).
     pub fn spawn(name: &'static str, args: &[&str], wait_listen: bool) -> (Proc, Option<SocketAddr>) {
-        let mut child = Command::new(BIN)
+        Proc::spawn_bin(BIN, name, args, wait_listen)
+    }
+
+    /// [`Proc::spawn`] of another build of ringway (a benchmark's baseline).
+    pub fn spawn_bin(bin: &str, name: &'static str, args: &[&str], wait_listen: bool) -> (Proc, Option<SocketAddr>) {
+        let mut child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", std::env::var("RINGWAY_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = stderr.clone();
         let mut err = child.stderr.take().unwrap();
@@ -129,6 +134,11 @@ impl Relay {
 
     /// A relay listening on `listen` (HOST:PORT).
     pub fn start_on(listen: &str, backend: &str, extra_config: &str) -> Relay {
+        Relay::start_bin(BIN, listen, backend, extra_config)
+    }
+
+    /// [`Relay::start_on`] with another build of ringway (a benchmark's baseline).
+    pub fn start_bin(bin: &str, listen: &str, backend: &str, extra_config: &str) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("relay.toml");
         std::fs::write(
@@ -140,7 +150,8 @@ impl Relay {
             ),
         )
         .unwrap();
-        let (proc, addr) = Proc::spawn(
+        let (proc, addr) = Proc::spawn_bin(
+            bin,
             "relay",
             &["relay", "--listen", listen, "--config", config.to_str().unwrap(), "--backend", backend],
             true,
@@ -324,6 +335,16 @@ pub fn proc_rss_kib(pid: u32) -> u64 {
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A process's peak resident memory (KiB, VmHWM) from /proc; 0 once it is gone.
+pub fn proc_peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }

@@ -30,6 +30,9 @@ impl CloseCode {
     /// Agent control connection only: another agent holds this device id (a second one is
     /// refused while the first answers; a first that stops answering is replaced).
     pub const DEVICE_CONFLICT: CloseCode = CloseCode(4005);
+    /// Data connections, between the edges: the TCP connection on the sender's side was reset
+    /// (or failed); the receiver resets its own, so an RST crosses the tunnel.
+    pub const CONNECTION_RESET: CloseCode = CloseCode(4006);
 
     /// Whether a peer may put this code on the wire (RFC 6455 §7.4.1–2: 1005, 1006 and 1015
     /// are reserved for reporting, 1016–2999 are unassigned, 5000 and up do not exist). 1014
@@ -60,6 +63,8 @@ impl fmt::Display for CloseCode {
 pub enum FrameError {
     #[error("frame from a client is not masked")]
     Unmasked,
+    #[error("frame from the relay is masked")]
+    Masked,
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
     #[error("reserved opcode {0:#x}")]

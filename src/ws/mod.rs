@@ -9,10 +9,15 @@
 //! This module must not do IO: no tokio, no sockets, no clocks, no allocation on the forwarding
 //! path. Bytes go in, decisions and rewritten bytes come out. That is what lets the fuzzer and
 //! the micro-benchmarks drive it directly.
+//!
+//! The edges (agent, `ringway connect`) are WebSocket clients: they send masked frames built
+//! in place with [`encode::header`] and [`unmask`], and read the relay's unmasked frames with
+//! [`inbound::Inbound`].
 
 pub mod encode;
 mod error;
 mod forward;
+pub mod inbound;
 pub mod unmask;
 
 pub use error::{CloseCode, FrameError};
