@@ -286,6 +286,9 @@ pub struct Config {
     /// its registry in memory.
     #[serde(default)]
     pub cluster: Option<Cluster>,
+    /// The file this was read from: a reload reads it again.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
 }
 
 /// `[cluster]`: this node's name and address, the NATS servers holding the shared registry,
@@ -410,7 +413,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        Config::parse(&text).map_err(|e| ConfigError::In { path: shown, error: Box::new(e) })
+        let mut config = Config::parse(&text).map_err(|e| ConfigError::In { path: shown, error: Box::new(e) })?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {

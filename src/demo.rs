@@ -41,6 +41,7 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
         audit: Default::default(),
         tls: None,
         cluster: None,
+        source: None,
     };
     let running = relay::start(config, "127.0.0.1:0".parse()?, backend)?;
     let relay_url = RelayUrl::parse(&format!("http://{}", running.addr))?;

@@ -21,9 +21,11 @@ use super::admission::Turn;
 use super::audit::Record;
 use super::ending::CloseReason;
 use super::handoff::{Cmd, ConnEnd, DataSocket, TlsStream};
+use super::keys::ReloadError;
 use super::metrics::HandshakeFailure;
 use super::registry::{Caller, ClientConn, Forward, Refusal};
 use super::{channels, Relay};
+use crate::config::Role;
 use crate::proto::{ApiError, StartSession};
 
 type Resp = Response<Full<Bytes>>;
@@ -216,8 +218,7 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
 }
 
 async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr, segs: &[&str]) -> Resp {
-    let Some((operator, role)) = bearer(&req).and_then(|t| relay.config.operator(t)).map(|o| (o.name.clone(), o.role))
-    else {
+    let Some((operator, role)) = bearer(&req).and_then(|t| relay.keys.operator(t)) else {
         relay.metrics.handshake_failed(HandshakeFailure::BadToken);
         return error(StatusCode::UNAUTHORIZED, "invalid credentials");
     };
@@ -261,7 +262,20 @@ async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAdd
             Err(r) => refused(&relay, r),
         },
         (Method::GET, ["devices"]) => json(StatusCode::OK, &relay.registry.devices()),
-        (_, ["sessions"] | ["sessions", _] | ["devices"]) => {
+        (Method::POST, ["reload"]) if role != Role::Admin => {
+            error(StatusCode::FORBIDDEN, "reloading the configuration takes an admin operator")
+        }
+        (Method::POST, ["reload"]) => {
+            tracing::info!(operator, "configuration reload requested through the API");
+            let reloading = relay.clone();
+            match tokio::task::spawn_blocking(move || reloading.reload()).await {
+                Ok(Ok(done)) => json(StatusCode::OK, &done),
+                Ok(Err(e @ ReloadError::NoFile)) => error(StatusCode::CONFLICT, e.to_string()),
+                Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("reload refused, nothing changed: {e}")),
+                Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed"),
+            }
+        }
+        (_, ["sessions"] | ["sessions", _] | ["devices"] | ["reload"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),

@@ -12,7 +12,9 @@ use tokio::sync::{watch, Semaphore};
 use super::admission::Admission;
 use super::audit::{Audit, Record};
 use super::cluster::ClusterRegistry;
+use super::ending::CloseReason;
 use super::handoff::Workers;
+use super::keys::{Keys, ReloadError, Reloaded};
 use super::metrics::Metrics;
 use super::registry::memory::MemoryRegistry;
 use super::registry::{Refusal, Registry, SystemClock};
@@ -21,6 +23,8 @@ use crate::config::Config;
 /// The relay's shared context. See the module doc.
 pub struct Relay {
     pub config: Arc<Config>,
+    /// Operators, devices and the TLS certificate, as the config file says now (reloadable).
+    pub keys: Arc<Keys>,
     pub metrics: Arc<Metrics>,
     pub audit: Arc<Audit>,
     /// Set when the config has `[tls]`: every connection is TLS.
@@ -44,14 +48,21 @@ impl Relay {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let audit = Arc::new(Audit::open(config.audit.path.as_deref())?);
-        let local =
-            MemoryRegistry::new(config.clone(), metrics.clone(), audit.clone(), workers.clone(), Arc::new(SystemClock));
+        let keys = Arc::new(Keys::new(&config)?);
+        let local = MemoryRegistry::new(
+            config.clone(),
+            keys.clone(),
+            metrics.clone(),
+            audit.clone(),
+            workers.clone(),
+            Arc::new(SystemClock),
+        );
         let registry: Arc<dyn Registry> = match &config.cluster {
             None => Arc::new(local),
             Some(_) => Arc::new(ClusterRegistry::start(config.clone(), local)?),
         };
-        let tls = match &config.tls {
-            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(&t.cert, &t.key)?)),
+        let tls = match keys.cert() {
+            Some(slot) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(slot)?)),
             None => None,
         };
         let admission = Admission::new(
@@ -61,6 +72,7 @@ impl Relay {
         Ok(Relay {
             handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
             config,
+            keys,
             metrics,
             audit,
             tls,
@@ -77,9 +89,42 @@ impl Relay {
 
     /// Checks a device key.
     pub fn device_key_ok(&self, device: &str, key: &str) -> Result<(), Refusal> {
-        match self.config.device(device) {
-            Some(d) if d.key.matches(key) => Ok(()),
-            _ => Err(Refusal::bad_token()),
+        if self.keys.device_key_ok(device, key) {
+            Ok(())
+        } else {
+            Err(Refusal::bad_token())
+        }
+    }
+
+    /// Reads the config file again (SIGHUP, `POST /api/v1/reload`): new credentials and
+    /// certificate take effect, agents of revoked devices are disconnected; a file that fails
+    /// is refused and the running configuration stays. Logged either way.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        match self.keys.reload() {
+            Ok(done) => {
+                for device in &done.revoked {
+                    if self.registry.disconnect_agent(device, CloseReason::Revoked) {
+                        tracing::warn!(device, "agent disconnected: its device was removed or given a new key");
+                    }
+                }
+                tracing::info!(
+                    operators = done.operators,
+                    devices = done.devices,
+                    certificate = done.certificate,
+                    "configuration reloaded"
+                );
+                if !done.restart_needed.is_empty() {
+                    tracing::warn!(
+                        "configuration reloaded, but these sections changed and apply only after a restart: {}",
+                        done.restart_needed.join(", ")
+                    );
+                }
+                Ok(done)
+            }
+            Err(e) => {
+                tracing::error!("configuration reload refused, the running configuration stays: {e}");
+                Err(e)
+            }
         }
     }
 

@@ -96,6 +96,9 @@ pub enum CloseReason {
     Moving(String),
     /// Session control connection only: a newer control connection replaced this one.
     ControlReplaced,
+    /// Agent control connection only: the device was removed from the config or given a new
+    /// key (a reload).
+    Revoked,
 }
 
 impl CloseReason {
@@ -110,7 +113,7 @@ impl CloseReason {
             | CloseReason::Moving(_) => CloseCode::GOING_AWAY,
             CloseReason::Unavailable(_) => CloseCode::TRY_AGAIN_LATER,
             CloseReason::Violation(_, e) => e.close_code(),
-            CloseReason::NotAwaited => CloseCode::POLICY_VIOLATION,
+            CloseReason::NotAwaited | CloseReason::Revoked => CloseCode::POLICY_VIOLATION,
             CloseReason::PairTimeout
             | CloseReason::AdoptFailed(_)
             | CloseReason::ServiceUnreachable { .. }
@@ -167,6 +170,7 @@ impl fmt::Display for CloseReason {
             CloseReason::ControlReplaced => f.write_str("replaced by a newer control connection"),
             CloseReason::Unavailable(why) => write!(f, "try again later: {why}"),
             CloseReason::Moving(why) => write!(f, "reconnect to another node: {why}"),
+            CloseReason::Revoked => f.write_str("the device's key was revoked (the relay's configuration changed)"),
         }
     }
 }

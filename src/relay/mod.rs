@@ -13,7 +13,7 @@
 //! - `registry`: agents, sessions and connections behind the [`registry::Registry`] trait; the
 //!   in-memory implementation is the default.
 //! - `admission` (handshake shares, failed-login gate), `audit` (the JSON-lines log),
-//!   `metrics` (counters, Prometheus text).
+//!   `metrics` (counters, Prometheus text), `keys` (credentials and certificate, reloadable).
 //! - `dataplane`: workers, tunnel tables, buffer pools, forwarding (io_uring or epoll). Knows
 //!   only the leaves below and the codec.
 //! - `handoff` (sockets and orders to the workers, connection ends back) and `ending` (how a
@@ -28,6 +28,7 @@ pub mod context;
 pub mod dataplane;
 pub mod ending;
 pub mod handoff;
+pub mod keys;
 pub mod metrics;
 pub mod registry;
 pub mod server;

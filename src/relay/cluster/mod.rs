@@ -798,14 +798,14 @@ impl Registry for ClusterRegistry {
     fn devices(&self) -> Vec<DeviceInfo> {
         let inner = &self.inner;
         inner
-            .config
-            .device
-            .iter()
-            .map(|d| {
-                let record = inner.mirror.device(&d.id).map(|(r, _)| r).filter(|r| inner.mirror.alive(&r.node));
+            .local
+            .device_ids()
+            .into_iter()
+            .map(|id| {
+                let record = inner.mirror.device(&id).map(|(r, _)| r).filter(|r| inner.mirror.alive(&r.node));
                 DeviceInfo {
-                    id: d.id.clone(),
-                    online: inner.device_online(&d.id),
+                    online: inner.device_online(&id),
+                    id,
                     services: record.as_ref().map(|r| r.services.clone()).unwrap_or_default(),
                     connected_since: record.as_ref().map(|r| r.since),
                     node: record.map(|r| r.node),
@@ -874,6 +874,10 @@ impl Registry for ClusterRegistry {
 
     fn agent_down(&self, device: &str, generation: u64) {
         self.inner.local.agent_down(device, generation)
+    }
+
+    fn disconnect_agent(&self, device: &str, reason: CloseReason) -> bool {
+        self.inner.local.disconnect_agent(device, reason)
     }
 
     fn attach_control(

@@ -2,6 +2,7 @@
 //! at session start and stop, handshakes and connection ends — never per frame. Audit lines are
 //! queued after the lock is released.
 
+use crate::relay::keys::Keys;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -146,6 +147,8 @@ pub struct SessionStats {
 /// The in-memory [`Registry`].
 pub struct MemoryRegistry {
     config: Arc<Config>,
+    /// Which devices exist (the config as last reloaded).
+    keys: Arc<Keys>,
     metrics: Arc<Metrics>,
     audit: Arc<Audit>,
     /// Where close orders go: the worker that owns each connection.
@@ -159,12 +162,22 @@ pub struct MemoryRegistry {
 impl MemoryRegistry {
     pub fn new(
         config: Arc<Config>,
+        keys: Arc<Keys>,
         metrics: Arc<Metrics>,
         audit: Arc<Audit>,
         workers: Workers,
         clock: Arc<dyn Clock>,
     ) -> MemoryRegistry {
-        MemoryRegistry { config, metrics, audit, workers, clock, tables: Mutex::default(), next_id: AtomicU64::new(1) }
+        MemoryRegistry {
+            config,
+            keys,
+            metrics,
+            audit,
+            workers,
+            clock,
+            tables: Mutex::default(),
+            next_id: AtomicU64::new(1),
+        }
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
@@ -318,7 +331,7 @@ impl MemoryRegistry {
     /// device and a lifetime within bounds. Returns the lifetime.
     pub fn check_request(&self, req: &StartSession) -> Result<u64, Refusal> {
         let limits = &self.config.limits;
-        if self.config.device(&req.device).is_none() {
+        if !self.keys.device_known(&req.device) {
             return Err(Refusal::new(StatusCode::NOT_FOUND, format!("unknown device {:?}", req.device), None));
         }
         let ttl = req.ttl_secs.unwrap_or(limits.session_ttl_secs);
@@ -475,15 +488,19 @@ impl MemoryRegistry {
         }
     }
 
+    /// Every configured device's id, as the configuration says now.
+    pub fn device_ids(&self) -> Vec<String> {
+        self.keys.device_ids()
+    }
+
     pub fn devices(&self) -> Vec<DeviceInfo> {
+        let ids = self.device_ids();
         let t = self.tables();
-        self.config
-            .device
-            .iter()
-            .map(|d| {
-                let agent = t.agents.get(&d.id);
+        ids.into_iter()
+            .map(|id| {
+                let agent = t.agents.get(&id);
                 DeviceInfo {
-                    id: d.id.clone(),
+                    id,
                     online: agent.is_some_and(|a| a.link.is_some()),
                     services: agent.map(|a| a.services.clone()).unwrap_or_default(),
                     connected_since: agent.map(|a| a.since),
@@ -601,6 +618,11 @@ impl MemoryRegistry {
                 self.send_to_worker(meta.worker, Cmd::AgentLink { conn, down: Some(device.to_string()) });
             }
         }
+    }
+
+    pub fn disconnect_agent(&self, device: &str, reason: CloseReason) -> bool {
+        let t = self.tables();
+        t.agents.get(device).and_then(|a| a.link.as_ref()).is_some_and(|link| link.close.try_send(reason).is_ok())
     }
 
     pub fn attach_control(
@@ -829,6 +851,10 @@ impl Registry for MemoryRegistry {
         self.agent_down(device, generation)
     }
 
+    fn disconnect_agent(&self, device: &str, reason: CloseReason) -> bool {
+        self.disconnect_agent(device, reason)
+    }
+
     fn attach_control(
         &self,
         session: &str,
@@ -913,8 +939,10 @@ agent_grace_secs = 10
         let clock = Arc::new(FakeClock { base: Instant::now(), offset: Mutex::new(Duration::ZERO) });
         let (workers, mut inboxes) = Workers::new(1);
         let config = Arc::new(Config::parse(CONFIG).unwrap());
+        let keys = Arc::new(crate::relay::keys::Keys::new(&config).unwrap());
         let reg = MemoryRegistry::new(
             config,
+            keys,
             Arc::new(Metrics::default()),
             Arc::new(Audit::open(None).unwrap()),
             workers,

@@ -180,6 +180,10 @@ pub trait Registry: ConnEnds {
     /// has `limits.agent_grace_secs` to come back before the device is declared lost (4004).
     fn agent_down(&self, device: &str, generation: u64);
 
+    /// Closes `device`'s agent control connection with `reason` (its credentials were revoked);
+    /// it then goes through its grace period like any agent that left. Whether one was linked.
+    fn disconnect_agent(&self, device: &str, reason: CloseReason) -> bool;
+
     /// Attaches the client's session control connection; returns its id and the first event.
     fn attach_control(
         &self,

@@ -1,0 +1,187 @@
+//! The relay's credentials — operators' tokens, devices' keys — and its TLS certificate, as the
+//! config file says now: read at start, read again on SIGHUP or `POST /api/v1/reload`.
+//!
+//! A reload reads and validates the whole file first; a file that fails is refused with its
+//! error and nothing changes. Otherwise the new operators and devices replace the old ones at
+//! once (every later request is checked against them), the certificate is replaced for the
+//! next TLS handshake, and the agents of devices that were removed or given a new key are
+//! disconnected (1008). Nothing else is touched: running tunnels keep running; sessions keep
+//! their client tokens. Sections read only at start (`[limits]`, `[dataplane]`, `[audit]`,
+//! `[cluster]`, whether `[tls]` exists) are compared and a change is reported as needing a
+//! restart.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+
+use crate::config::{Config, ConfigError, Role};
+use crate::tls::CertSlot;
+
+/// The configuration as last read: its operators and devices apply.
+struct Table {
+    config: Config,
+    /// The sections that need a restart, as read at start (compared on reload).
+    fixed: Fixed,
+}
+
+/// The sections a reload does not apply, rendered for comparison.
+#[derive(PartialEq)]
+struct Fixed {
+    limits: String,
+    dataplane: String,
+    audit: String,
+    cluster: String,
+}
+
+impl Fixed {
+    fn of(c: &Config) -> Fixed {
+        Fixed {
+            limits: format!("{:?}", c.limits),
+            dataplane: format!("{:?}", c.dataplane),
+            audit: format!("{:?}", c.audit),
+            cluster: format!("{:?}", c.cluster),
+        }
+    }
+
+    fn changed(&self, new: &Fixed) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (name, a, b) in [
+            ("limits", &self.limits, &new.limits),
+            ("dataplane", &self.dataplane, &new.dataplane),
+            ("audit", &self.audit, &new.audit),
+            ("cluster", &self.cluster, &new.cluster),
+        ] {
+            if a != b {
+                out.push(name);
+            }
+        }
+        out
+    }
+}
+
+/// The live credentials and certificate.
+pub struct Keys {
+    table: RwLock<Arc<Table>>,
+    /// Set when the relay serves TLS.
+    cert: Option<Arc<CertSlot>>,
+    /// The file to read again; `None` for a config given as text (tests, the demo).
+    source: Option<PathBuf>,
+    /// One reload at a time.
+    reloading: std::sync::Mutex<()>,
+}
+
+/// What a reload did.
+#[derive(Debug, Serialize)]
+pub struct Reloaded {
+    pub operators: usize,
+    pub devices: usize,
+    /// The TLS certificate was read again.
+    pub certificate: bool,
+    /// Devices whose agent was disconnected: removed, or given a new key.
+    pub revoked: Vec<String>,
+    /// Sections that changed but apply only at the next start.
+    pub restart_needed: Vec<&'static str>,
+}
+
+/// Why a reload was refused (the old configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the relay was not started from a config file: nothing to read again")]
+    NoFile,
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0:#}")]
+    Certificate(anyhow::Error),
+    #[error("[tls] was {}: serving TLS or not changes only with a restart", if *.0 { "removed" } else { "added" })]
+    TlsToggled(bool),
+}
+
+impl Keys {
+    /// The credentials of `config` and, with `[tls]`, its certificate.
+    pub fn new(config: &Config) -> anyhow::Result<Keys> {
+        let cert = match &config.tls {
+            Some(t) => Some(CertSlot::new(crate::tls::certified_key(&t.cert, &t.key)?)),
+            None => None,
+        };
+        Ok(Keys {
+            table: RwLock::new(Arc::new(Table::of(config.clone()))),
+            cert,
+            source: config.source.clone(),
+            reloading: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// The certificate slot, when the relay serves TLS.
+    pub fn cert(&self) -> Option<Arc<CertSlot>> {
+        self.cert.clone()
+    }
+
+    fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The operator whose token this is: name and role.
+    pub fn operator(&self, token: &str) -> Option<(String, Role)> {
+        self.table().config.operator(token).map(|o| (o.name.clone(), o.role))
+    }
+
+    /// Every configured device's id.
+    pub fn device_ids(&self) -> Vec<String> {
+        self.table().config.device.iter().map(|d| d.id.clone()).collect()
+    }
+
+    /// Whether `device` is configured.
+    pub fn device_known(&self, device: &str) -> bool {
+        self.table().config.device(device).is_some()
+    }
+
+    /// Whether `key` is `device`'s key.
+    pub fn device_key_ok(&self, device: &str, key: &str) -> bool {
+        self.table().config.device(device).is_some_and(|d| d.key.matches(key))
+    }
+
+    /// Reads the config file again and applies its credentials and certificate. The caller
+    /// disconnects the agents of the devices in [`Reloaded::revoked`].
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.source.as_ref().ok_or(ReloadError::NoFile)?;
+        let config = Config::load(path)?;
+        let old = self.table();
+        let certificate = match (&self.cert, &config.tls) {
+            (Some(slot), Some(t)) => {
+                let key = crate::tls::certified_key(&t.cert, &t.key).map_err(ReloadError::Certificate)?;
+                slot.replace(key);
+                true
+            }
+            (None, None) => false,
+            (had, _) => return Err(ReloadError::TlsToggled(had.is_some())),
+        };
+        let new = Table::of(config);
+        // A device is revoked when it is gone or its key changed (as the file writes it: a key
+        // rewritten as its hash counts as changed, which costs its agent one reconnect).
+        let revoked = old
+            .config
+            .device
+            .iter()
+            .filter(|d| new.config.device(&d.id).is_none_or(|n| n.key != d.key))
+            .map(|d| d.id.clone())
+            .collect();
+        let restart_needed = old.fixed.changed(&new.fixed);
+        let reloaded = Reloaded {
+            operators: new.config.operator.len(),
+            devices: new.config.device.len(),
+            certificate,
+            revoked,
+            restart_needed,
+        };
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        Ok(reloaded)
+    }
+}
+
+impl Table {
+    fn of(config: Config) -> Table {
+        Table { fixed: Fixed::of(&config), config }
+    }
+}
