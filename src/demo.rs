@@ -50,6 +50,7 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
     let mut services = BTreeMap::new();
     services.insert("web".to_string(), service.to_string());
     tokio::spawn(agent::run(AgentOptions {
+        spares: agent::Spares::default(),
         relays: vec![relay_url.clone()],
         device: "demo-device".into(),
         key: device_key.expose().to_string(),

@@ -66,6 +66,13 @@ enum Command {
         /// A service this device offers, NAME=HOST:PORT (repeatable). Nothing else can be reached.
         #[arg(long = "service", required = true, value_parser = agent::parse_service)]
         services: Vec<(String, String)>,
+        /// Spare data connections kept open to the relay, ready for the next connection (no
+        /// handshake then): at least this many...
+        #[arg(long, default_value_t = 1)]
+        spares_min: usize,
+        /// ...and at most this many, following how many connections came in the last 10 s.
+        #[arg(long, default_value_t = 16)]
+        spares_max: usize,
     },
     /// Start a session to a device's service and serve it on a local port.
     Connect {
@@ -204,9 +211,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             running.shutdown();
             Ok(0)
         }
-        Command::Agent { relay, ca, device, key, services } => {
+        Command::Agent { relay, ca, device, key, services, spares_min, spares_max } => {
             let relays = relay.iter().map(|r| RelayUrl::parse_with_ca(r, ca.as_deref())).collect::<Result<_, _>>()?;
-            let opts = AgentOptions { relays, device, key, services: services.into_iter().collect() };
+            let spares = agent::Spares::new(spares_min, spares_max)?;
+            let opts = AgentOptions { relays, device, key, services: services.into_iter().collect(), spares };
             tokio_main(async move { agent::run(opts).await.map(|()| 0) })
         }
         Command::Connect { relay, ca, token, device, service, listen, exec, stdio, ttl } => {

@@ -68,6 +68,41 @@ impl LocalWrite for OwnedWriteHalf {
 
 impl LocalWrite for tokio::io::Stdout {}
 
+/// Reads the relay's first message on a spare connection: its order, one unfragmented text
+/// frame (at most 64 KiB). Bytes behind it stay in `ws.early` for the splice.
+pub async fn first_message(ws: &mut DataWs) -> io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+    let mut got = std::mem::take(&mut ws.early).to_vec();
+    loop {
+        match crate::ws::inbound::parse(&got) {
+            Err(e) => return Err(invalid(&e.to_string())),
+            Ok(Some(h)) if h.opcode == OpCode::Text && h.fin && h.len <= 64 << 10 => {
+                let end = h.size + h.len as usize;
+                if got.len() >= end {
+                    let text = std::str::from_utf8(&got[h.size..end]).map_err(|_| invalid("order is not UTF-8"))?;
+                    ws.early = Bytes::copy_from_slice(&got[end..]);
+                    return Ok(text.to_string());
+                }
+            }
+            Ok(Some(_)) => return Err(invalid("the relay closed the spare connection or sent no order")),
+            Ok(None) => {}
+        }
+        got.reserve(1024);
+        if ws.conn.read_buf(&mut got).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Closes a data connection with `code` and `reason` before any data moved (a spare whose
+/// service could not be reached).
+pub async fn refuse(ws: DataWs, code: CloseCode, reason: &str) {
+    let w = Mutex::new(ws.conn);
+    send_close(&w, code, reason).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async { w.lock().await.shutdown().await }).await;
+}
+
 /// Payload bytes one read takes (and so the largest frame the edges send).
 pub const BUF: usize = 64 << 10;
 /// Free buffers the pool keeps; more are freed. Enough for a few busy connections at once.

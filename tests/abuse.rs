@@ -412,7 +412,7 @@ fn a_reset_of_the_agents_control_connection_leaves_its_tunnels_running() {
         }
     };
     echo_once(&mut ws, 0);
-    assert_eq!(proxy.reset("/api/v1/agent"), 1, "the agent's control connection went through the proxy");
+    assert_eq!(proxy.reset("/api/v1/agent?"), 1, "the agent's control connection went through the proxy");
     for i in 1..=30 {
         echo_once(&mut ws, i);
         thread::sleep(Duration::from_millis(100));

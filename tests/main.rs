@@ -12,6 +12,7 @@ mod hostile;
 mod in_process;
 mod leaks;
 mod reload;
+mod spares;
 mod ssh;
 mod tcp_semantics;
 mod termination;

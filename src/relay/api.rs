@@ -4,6 +4,7 @@
 //! request go to the owning worker's data plane.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,7 +145,7 @@ fn credential_kind(path: &str) -> Option<&'static str> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     Some(match segments.as_slice() {
         ["healthz"] | ["metrics"] | ["api", "v1", "healthz"] | ["api", "v1", "metrics"] => return None,
-        ["api", "v1", "agent"] => "device_key",
+        ["api", "v1", "agent"] | ["api", "v1", "agent", "spare"] => "device_key",
         ["api", "v1", "sessions", _, "control" | "client"] => "client_token",
         ["api", "v1", "sessions", _, "device"] => "device_token",
         ["api", "v1", ..] => "operator_token",
@@ -200,6 +201,7 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
                 .expect("static response parts")
         }
         (_, ["api", "v1", "agent"]) => agent_upgrade(req, relay, peer).await.unwrap_or_else(|r| *r),
+        (_, ["api", "v1", "agent", "spare"]) => spare_upgrade(req, relay).await.unwrap_or_else(|r| *r),
         (_, ["api", "v1", "sessions", id, "control"]) => {
             let id = id.to_string();
             control_upgrade(req, relay, id, peer).await.unwrap_or_else(|r| *r)
@@ -341,20 +343,98 @@ async fn control_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session:
     Ok(resp)
 }
 
-/// The socket under an upgraded connection, and what hyper had read past the request.
-async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(DataSocket, Bytes)> {
+/// An upgraded connection still on this runtime's reactor (a spare waits here for its order).
+enum Live {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Live {
+    /// Until the peer sends something or closes.
+    async fn readable(&self) {
+        let _ = match self {
+            Live::Plain(s) => s.readable().await,
+            Live::Tls(s) => s.get_ref().0.readable().await,
+        };
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Live::Plain(s) => s.write_all(bytes).await,
+            Live::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    fn into_data_socket(self) -> Option<DataSocket> {
+        Some(match self {
+            Live::Plain(s) => DataSocket::Plain(s.into_std().ok()?),
+            Live::Tls(s) => DataSocket::Tls(s),
+        })
+    }
+}
+
+/// The connection under a completed upgrade, and what hyper had read past the request.
+async fn take_live(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(Live, Bytes)> {
     let ws = fut.await.ok()?;
     let upgraded = ws.into_inner().into_inner();
     // What hyper read past the request is a slice of its whole read buffer: copy it (usually
     // empty) so a parked or idle connection does not keep that buffer alive.
     let own = |b: Bytes| if b.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&b) };
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
-        Ok(parts) => Some((DataSocket::Plain(parts.io.into_inner().into_std().ok()?), own(parts.read_buf))),
+        Ok(parts) => Some((Live::Plain(parts.io.into_inner()), own(parts.read_buf))),
         Err(upgraded) => {
             let parts = upgraded.downcast::<TokioIo<TlsStream>>().ok()?;
-            Some((DataSocket::Tls(Box::new(parts.io.into_inner())), own(parts.read_buf)))
+            Some((Live::Tls(Box::new(parts.io.into_inner())), own(parts.read_buf)))
         }
     }
+}
+
+/// The socket under an upgraded connection, off the reactor for a worker, and what hyper had
+/// read past the request.
+async fn take_socket(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(DataSocket, Bytes)> {
+    let (live, leftover) = take_live(fut).await?;
+    Some((live.into_data_socket()?, leftover))
+}
+
+/// A spare device connection: the agent dials it ahead of need and it waits here, parked with
+/// the registry, until a client connection takes it. Then the agent is told which connection
+/// it serves (one text message: the `connect` the control channel would carry) and the socket
+/// goes to that connection's worker as if the agent had just dialed it. A spare whose agent
+/// leaves, that sends anything while waiting, or that the relay no longer wants, is closed.
+async fn spare_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>) -> Upgrade {
+    let device = query(&req, "device").map(str::to_string).ok_or_else(|| malformed(&relay, "missing ?device=ID"))?;
+    relay.device_key_ok(&device, bearer(&req).unwrap_or("")).map_err(|r| Box::new(refused(&relay, r)))?;
+    let (resp, fut) = upgrade(&relay, &mut req)?;
+    tokio::task::spawn_local(async move {
+        let Some((mut live, leftover)) = take_live(fut).await else { return };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !leftover.is_empty() || !relay.registry.park_spare(&device, tx) {
+            return;
+        }
+        relay.metrics.spares_parked.fetch_add(1, Relaxed);
+        let mut shutdown = relay.shutdown.subscribe();
+        let order = tokio::select! {
+            order = rx => order.ok(),
+            () = live.readable() => None,
+            _ = shutdown.wait_for(|s| *s) => None,
+        };
+        relay.metrics.spares_parked.fetch_sub(1, Relaxed);
+        let Some(order) = order else { return };
+        let mut frame = Vec::with_capacity(order.message.len() + 4);
+        crate::ws::encode::frame(&mut frame, true, crate::ws::OpCode::Text, order.message.as_bytes(), None);
+        // A spare that cannot take its order leaves the connection to the pairing timeout
+        // (4001), as an agent that never dials back would.
+        if live.write_all(&frame).await.is_ok() {
+            if let Some(stream) = live.into_data_socket() {
+                relay.workers.send(order.worker, Cmd::Device { conn: order.conn, stream, leftover });
+            }
+        }
+    });
+    Ok(resp)
 }
 
 async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Upgrade {
@@ -433,7 +513,7 @@ async fn forward(mut req: Request<Incoming>, relay: Arc<Relay>, home: Forward, p
             return Err(Box::new(error(StatusCode::GATEWAY_TIMEOUT, format!("node {} did not answer", home.node))))
         }
     };
-    relay.metrics.forwarded_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    relay.metrics.forwarded_connections.fetch_add(1, Relaxed);
     tracing::debug!(node = home.node, %peer, path, "forwarding a connection to the session's node");
     tokio::task::spawn_local(async move {
         let Ok(ws) = fut.await else { return };

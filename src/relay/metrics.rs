@@ -63,6 +63,9 @@ pub struct Metrics {
     pub agent_takeovers: AtomicU64,
     pub agent_refusals: AtomicU64,
     pub control_dropped: AtomicU64,
+    /// Spare device connections parked now, and client connections that took one.
+    pub spares_parked: AtomicU64,
+    pub spares_used: AtomicU64,
     handshake_failures: [AtomicU64; 8],
     /// Data connections ended, by close code ([`ENDS_BY_CODE`], then one slot for any other).
     ends_by_code: [AtomicU64; ENDS_BY_CODE.len() + 1],
@@ -116,6 +119,18 @@ impl Metrics {
             self.connections_closed.load(Relaxed),
         );
         metric("tunnels_active", "gauge", "Paired connections forwarding now.", self.tunnels_active.load(Relaxed));
+        metric(
+            "spare_connections",
+            "gauge",
+            "Spare device connections agents keep parked at the relay.",
+            self.spares_parked.load(Relaxed),
+        );
+        metric(
+            "spare_connections_used_total",
+            "counter",
+            "Client connections paired with a parked spare device connection (no dial by the agent).",
+            self.spares_used.load(Relaxed),
+        );
         metric(
             "bytes_to_device_total",
             "counter",

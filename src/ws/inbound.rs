@@ -68,11 +68,12 @@ impl Default for Inbound {
 }
 
 /// A parsed header: opcode, length and its size on the wire.
-struct Header {
-    opcode: OpCode,
-    fin: bool,
-    len: u64,
-    size: usize,
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    pub opcode: OpCode,
+    pub fin: bool,
+    pub len: u64,
+    pub size: usize,
 }
 
 impl Inbound {
@@ -201,8 +202,9 @@ fn close(payload: &[u8]) -> Result<Item, FrameError> {
     }
 }
 
-/// Parses a header from the start of `b`; `None` if `b` ends before the header does.
-fn parse(b: &[u8]) -> Result<Option<Header>, FrameError> {
+/// Parses an unmasked frame header from the start of `b`; `None` if `b` ends before the
+/// header does.
+pub fn parse(b: &[u8]) -> Result<Option<Header>, FrameError> {
     let [b0, b1, ..] = *b else { return Ok(None) };
     if b0 & 0x70 != 0 {
         return Err(FrameError::ReservedBits);

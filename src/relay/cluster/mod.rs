@@ -39,7 +39,7 @@ use super::ending::CloseReason;
 use super::handoff::{ConnEnd, ConnEnds};
 use super::metrics::sample;
 use super::registry::memory::{new_session_id, MemoryRegistry, SessionStats};
-use super::registry::{AgentLink, Caller, Claim, ClientConn, Forward, Pending, Refusal, Registry};
+use super::registry::{AgentLink, Caller, Claim, ClientConn, Forward, Pending, Refusal, Registry, Spare};
 use crate::config::{Cluster, Config, Credential, Role, Secret};
 use crate::proto::{DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession};
 
@@ -878,6 +878,10 @@ impl Registry for ClusterRegistry {
 
     fn disconnect_agent(&self, device: &str, reason: CloseReason) -> bool {
         self.inner.local.disconnect_agent(device, reason)
+    }
+
+    fn park_spare(&self, device: &str, spare: Spare) -> bool {
+        self.inner.local.park_spare(device, spare)
     }
 
     fn attach_control(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hyper::StatusCode;
 use tokio::sync::mpsc;
 
-use super::{AgentLink, Caller, Claim, ClientConn, Clock, Pending, Refusal, Registry};
+use super::{AgentLink, Caller, Claim, ClientConn, Clock, Pending, Refusal, Registry, Spare, SpareOrder};
 use crate::config::{Config, Credential, Secret};
 use crate::proto::{DeviceInfo, SessionEvent, SessionInfo, SessionStarted, StartSession, ToAgent};
 use crate::relay::audit::{Audit, Record};
@@ -102,7 +102,12 @@ struct Agent {
     generation: u64,
     /// When the control connection dropped.
     down_since: Option<Instant>,
+    /// Spare device connections parked by the linked agent, newest last.
+    spares: Vec<Spare>,
 }
+
+/// Spare device connections one agent may park.
+pub const MAX_SPARES: usize = 64;
 
 /// What asks an agent to dial the service and the device endpoint for connection `conn`.
 fn connect_request(session: &str, service: &str, device_token: &Secret, conn: u64) -> ToAgent {
@@ -217,8 +222,14 @@ impl MemoryRegistry {
             Some(a) if back => a.since,
             _ => self.clock.unix(),
         };
-        let agent =
-            Agent { link: Some(link.clone()), services: services.to_vec(), since, generation, down_since: None };
+        let agent = Agent {
+            link: Some(link.clone()),
+            services: services.to_vec(),
+            since,
+            generation,
+            down_since: None,
+            spares: Vec::new(),
+        };
         let known = t.agents.insert(device.to_string(), agent).is_some();
         for s in t.sessions.values_mut().filter(|s| s.device == device) {
             if !known {
@@ -545,15 +556,27 @@ impl MemoryRegistry {
         };
         let Some(meta) = s.conns.get_mut(&c.conn) else { return };
         let close = |reason| Cmd::Close { conn: c.conn, reason };
-        match t.agents.get(&s.device) {
-            None => self.send_to_worker(c.worker, close(CloseReason::DeviceOffline(s.device.clone()))),
-            Some(Agent { link: None, .. }) => {}
-            Some(Agent { link: Some(link), .. }) => {
-                match link.tx.try_send(connect_request(&s.id, &s.service, &s.device_token, c.conn)) {
-                    Ok(()) => meta.announced = true,
-                    Err(_) => self.send_to_worker(c.worker, close(CloseReason::AgentNotReading(s.device.clone()))),
+        let Some(agent) = t.agents.get_mut(&s.device) else {
+            return self.send_to_worker(c.worker, close(CloseReason::DeviceOffline(s.device.clone())));
+        };
+        // Not linked: asked for when the agent is back.
+        let Some(link) = &agent.link else { return };
+        let request = connect_request(&s.id, &s.service, &s.device_token, c.conn);
+        // A parked spare first: the agent dials nothing, the connection is there.
+        if !agent.spares.is_empty() {
+            let message = serde_json::to_string(&request).expect("agent messages serialize");
+            while let Some(spare) = agent.spares.pop() {
+                let order = SpareOrder { conn: c.conn, worker: c.worker, message: message.clone() };
+                if spare.send(order).is_ok() {
+                    meta.announced = true;
+                    self.metrics.spares_used.fetch_add(1, Relaxed);
+                    return;
                 }
             }
+        }
+        match link.tx.try_send(request) {
+            Ok(()) => meta.announced = true,
+            Err(_) => self.send_to_worker(c.worker, close(CloseReason::AgentNotReading(s.device.clone()))),
         }
     }
 
@@ -611,6 +634,8 @@ impl MemoryRegistry {
         };
         agent.link = None;
         agent.down_since = Some(self.clock.now());
+        // Its parked spares go with it (their waiting tasks see the order can never come).
+        agent.spares.clear();
         let grace = self.config.limits.agent_grace_secs;
         tracing::info!(device, "agent disconnected; the device is lost unless it reconnects within {grace} s");
         for s in t.sessions.values().filter(|s| s.device == device) {
@@ -618,6 +643,17 @@ impl MemoryRegistry {
                 self.send_to_worker(meta.worker, Cmd::AgentLink { conn, down: Some(device.to_string()) });
             }
         }
+    }
+
+    pub fn park_spare(&self, device: &str, spare: Spare) -> bool {
+        let mut t = self.tables();
+        let Some(agent) = t.agents.get_mut(device).filter(|a| a.link.is_some()) else { return false };
+        agent.spares.retain(|s| !s.is_closed());
+        if agent.spares.len() >= MAX_SPARES {
+            return false;
+        }
+        agent.spares.push(spare);
+        true
     }
 
     pub fn disconnect_agent(&self, device: &str, reason: CloseReason) -> bool {
@@ -853,6 +889,10 @@ impl Registry for MemoryRegistry {
 
     fn disconnect_agent(&self, device: &str, reason: CloseReason) -> bool {
         self.disconnect_agent(device, reason)
+    }
+
+    fn park_spare(&self, device: &str, spare: Spare) -> bool {
+        self.park_spare(device, spare)
     }
 
     fn attach_control(

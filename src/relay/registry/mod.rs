@@ -99,6 +99,19 @@ pub struct Forward {
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A client data connection admitted by the registry.
+/// What a parked spare device connection is told when a client connection takes it: the
+/// connection it now serves, that connection's worker, and the message for the agent (the same
+/// JSON `connect` the control channel would carry).
+#[derive(Debug)]
+pub struct SpareOrder {
+    pub conn: u64,
+    pub worker: usize,
+    pub message: String,
+}
+
+/// A spare device connection waiting for its order.
+pub type Spare = tokio::sync::oneshot::Sender<SpareOrder>;
+
 pub struct ClientConn {
     pub conn: u64,
     pub worker: usize,
@@ -179,6 +192,11 @@ pub trait Registry: ConnEnds {
     /// An agent's control connection went away. Its device's tunnels keep running: the agent
     /// has `limits.agent_grace_secs` to come back before the device is declared lost (4004).
     fn agent_down(&self, device: &str, generation: u64);
+
+    /// Parks a spare device connection of `device`'s agent, for the next client connection to
+    /// take instead of asking the agent to dial. Refused (false) when the agent is not linked
+    /// here or already has its maximum of spares parked.
+    fn park_spare(&self, device: &str, spare: Spare) -> bool;
 
     /// Closes `device`'s agent control connection with `reason` (its credentials were revoked);
     /// it then goes through its grace period like any agent that left. Whether one was linked.

@@ -1,0 +1,66 @@
+//! Spare device connections: the agent keeps authenticated data connections open to the relay,
+//! and a new connection is paired with one instead of the agent dialing (no handshake), with
+//! the pool refilled behind it; a spare whose service is unreachable still ends in 4001.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_new_connection_takes_a_parked_spare_and_the_agent_refills_it() {
+    let relay = Relay::start("epoll", "");
+    let echo = echo_server();
+    let _agent = relay.agent(&[format!("echo={echo}")]);
+    wait_for("the agent never parked a spare", || relay.metric("ringway_spare_connections") >= 1);
+    let (_connect, local) = relay.connect("echo", &[]);
+    let mut s = TcpStream::connect(local).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"through a spare").unwrap();
+    let mut back = [0u8; 15];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"through a spare");
+    assert_eq!(relay.metric("ringway_spare_connections_used_total"), 1, "the connection was not paired with a spare");
+    wait_for("the agent never refilled its spares", || relay.metric("ringway_spare_connections") >= 1);
+
+    // A burst: spares and dials together, every byte right.
+    let workers: Vec<_> = (0..20)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(local).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let msg = vec![i as u8; 100_000];
+                s.write_all(&msg).unwrap();
+                let mut back = vec![0u8; msg.len()];
+                s.read_exact(&mut back).unwrap();
+                assert!(back == msg, "connection {i} came back altered");
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(relay.metric("ringway_spare_connections_used_total") >= 2);
+}
+
+#[test]
+fn a_spare_whose_service_is_unreachable_ends_with_4001() {
+    let relay = Relay::start("epoll", "");
+    let _agent = relay.agent(&[format!("dead=127.0.0.1:{}", closed_port())]);
+    wait_for("the agent never parked a spare", || relay.metric("ringway_spare_connections") >= 1);
+    let (_, url, token) = relay.start_session("dead", None);
+    let mut ws = ws_connect(&url, &token);
+    let (code, reason) = ws_wait_close(&mut ws, Duration::from_secs(10));
+    assert_eq!(code, 4001, "{reason}");
+    assert!(reason.contains("refused"), "{reason}");
+    assert_eq!(relay.metric("ringway_spare_connections_used_total"), 1);
+}
