@@ -37,6 +37,10 @@ pub struct Session {
     /// connection could not be re-attached within the relay's grace period).
     pub ended: watch::Receiver<Option<(u16, String)>>,
     home: std::sync::Arc<std::sync::Mutex<Home>>,
+    /// A data connection opened ahead of need (`?ready=1`): the next local connection takes it
+    /// and pays no handshake; another is opened behind it.
+    ready: std::sync::Arc<std::sync::Mutex<Option<crate::splice::DataWs>>>,
+    refilling: std::sync::atomic::AtomicBool,
 }
 
 /// Where the session lives: the relay node its `client_url` names (in a cluster, the node
@@ -76,16 +80,54 @@ impl Session {
         let started: SessionStarted = serde_json::from_slice(&resp).context("the relay's session answer")?;
         let home = std::sync::Arc::new(std::sync::Mutex::new(Home::of(&opts.relay, &started.client_url)?));
         let control = Control {
+            ready: Default::default(),
             api: opts.relay.clone(),
             operator_token: opts.token.clone(),
             home: home.clone(),
             id: started.id.clone(),
             token: started.client_token.clone(),
         };
+        let ready = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let control = Control { ready: ready.clone(), ..control };
         let ws = peer::dial(&control.node(), &control.path(), &control.token).await?;
         let (ended_tx, ended) = watch::channel(None);
         tokio::spawn(control.keep(ws, ended_tx));
-        Ok(Session { relay: opts.relay.clone(), started, operator_token: opts.token.clone(), ended, home })
+        Ok(Session {
+            relay: opts.relay.clone(),
+            started,
+            operator_token: opts.token.clone(),
+            ended,
+            home,
+            ready,
+            refilling: false.into(),
+        })
+    }
+
+    /// The ready connection if it is still good (started), else a fresh one.
+    async fn take_or_dial(&self) -> anyhow::Result<crate::splice::DataWs> {
+        let taken = self.ready.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut ws) = taken.filter(|ws| !ws.is_stale()) {
+            if crate::splice::start(&mut ws).await.is_ok() {
+                return Ok(ws);
+            }
+        }
+        self.dial().await
+    }
+
+    /// Opens a ready connection unless one is there or on its way.
+    async fn refill(self: std::sync::Arc<Self>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.ready.lock().unwrap_or_else(|p| p.into_inner()).is_some() || self.refilling.swap(true, SeqCst) {
+            return;
+        }
+        let home = self.home.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sep = if home.data_path.contains('?') { '&' } else { '?' };
+        let path = format!("{}{sep}ready=1", home.data_path);
+        match peer::dial_data(&home.node, &path, &self.started.client_token).await {
+            Ok(ws) => *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(ws),
+            Err(e) => tracing::debug!("opening a ready connection: {e:#}"),
+        }
+        self.refilling.store(false, SeqCst);
     }
 
     /// Opens one data connection to the session's node.
@@ -108,6 +150,7 @@ impl Session {
     pub async fn serve(self: std::sync::Arc<Self>, listener: TcpListener, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut ended = self.ended.clone();
+        tokio::spawn(self.clone().refill());
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
@@ -115,7 +158,9 @@ impl Session {
                     let _ = tcp.set_nodelay(true);
                     let session = self.clone();
                     tokio::spawn(async move {
-                        let ws = match session.dial().await {
+                        let ws = session.take_or_dial().await;
+                        tokio::spawn(session.refill());
+                        let ws = match ws {
                             Ok(ws) => ws,
                             Err(e) => return tracing::warn!(%from, "{e:#}"),
                         };
@@ -142,6 +187,8 @@ impl Session {
 struct Control {
     /// The control API, asked where the session lives when its node is lost.
     api: RelayUrl,
+    /// The session's ready data connection: dropped when the session moves.
+    ready: std::sync::Arc<std::sync::Mutex<Option<crate::splice::DataWs>>>,
     operator_token: String,
     home: std::sync::Arc<std::sync::Mutex<Home>>,
     id: String,
@@ -182,6 +229,7 @@ impl Control {
                         "the session moved"
                     );
                     *current = home;
+                    self.ready.lock().unwrap_or_else(|p| p.into_inner()).take();
                 }
             }
             Err(e) => tracing::debug!("the session's new client_url: {e:#}"),

@@ -95,6 +95,30 @@ pub async fn first_message(ws: &mut DataWs) -> io::Result<String> {
     }
 }
 
+impl DataWs {
+    /// Whether the relay has closed it or sent something (a ready connection waits in silence:
+    /// anything readable means it is gone). Checked without waiting.
+    pub fn is_stale(&self) -> bool {
+        let tcp = match &self.conn {
+            RelayConn::Plain(tcp) => tcp,
+            RelayConn::Tls(tls) => tls.get_ref().0,
+        };
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        !self.early.is_empty() || tcp.poll_read_ready(&mut cx).is_ready()
+    }
+}
+
+/// Starts a ready connection: an empty data frame, so that the relay opens it in the session
+/// and the agent dials the service even when the local side waits for the service to speak
+/// first (ssh, VNC).
+pub async fn start(ws: &mut DataWs) -> io::Result<()> {
+    let mut frame = Vec::with_capacity(MAX_HEADER);
+    encode::frame(&mut frame, true, OpCode::Binary, &[], Some(rand::random()));
+    ws.conn.write_all(&frame).await?;
+    ws.conn.flush().await
+}
+
 /// Closes a data connection with `code` and `reason` before any data moved (a spare whose
 /// service could not be reached).
 pub async fn refuse(ws: DataWs, code: CloseCode, reason: &str) {

@@ -64,3 +64,34 @@ fn a_spare_whose_service_is_unreachable_ends_with_4001() {
     assert!(reason.contains("refused"), "{reason}");
     assert_eq!(relay.metric("ringway_spare_connections_used_total"), 1);
 }
+
+#[test]
+fn connect_keeps_a_ready_connection_so_a_new_one_needs_no_handshake_even_when_the_service_speaks_first() {
+    let relay = Relay::start("epoll", "");
+    // A service that speaks first, as sshd and VNC servers do.
+    let banner = tcp_service(|mut s| {
+        let _ = s.write_all(b"SSH-2.0-banner\r\n");
+        let mut r = s.try_clone().unwrap();
+        let _ = std::io::copy(&mut r, &mut s);
+    });
+    let _agent = relay.agent(&[format!("b={banner}")]);
+    let (_connect, local) = relay.connect("b", &[]);
+    wait_spare(&relay);
+    wait_for("connect never opened its ready connection", || relay.metric("ringway_ready_connections") == 1);
+    assert_eq!(relay.metric("ringway_connections_opened_total"), 0, "a ready connection is no connection yet");
+    let mut s = TcpStream::connect(local).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = [0u8; 16];
+    s.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"SSH-2.0-banner\r\n");
+    assert_eq!(relay.metric("ringway_ready_connections_used_total"), 1, "the ready connection was not used");
+    assert_eq!(relay.metric("ringway_spare_connections_used_total"), 1, "the agent's spare was not used");
+    s.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+}
+
+fn wait_spare(relay: &Relay) {
+    wait_for("the agent never parked a spare", || relay.metric("ringway_spare_connections") >= 1);
+}

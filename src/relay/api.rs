@@ -369,6 +369,15 @@ impl Live {
         }
     }
 
+    /// Whether the peer closed (plain connections: a peek; over TLS that cannot be told
+    /// without reading, so no).
+    async fn at_eof(&self) -> bool {
+        match self {
+            Live::Plain(s) => matches!(s.peek(&mut [0u8; 1]).await, Ok(0) | Err(_)),
+            Live::Tls(_) => false,
+        }
+    }
+
     fn into_data_socket(self) -> Option<DataSocket> {
         Some(match self {
             Live::Plain(s) => DataSocket::Plain(s.into_std().ok()?),
@@ -444,6 +453,9 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
         return forward(req, relay, home, peer).await;
     }
     let peer = forwarded_for(&req, &relay, &session)?.unwrap_or(peer);
+    if query(&req, "ready").is_some() {
+        return ready_upgrade(req, relay, session, peer).await;
+    }
     let conn: ClientConn =
         relay.registry.client_conn(&session, token, peer).map_err(|r| Box::new(refused(&relay, r)))?;
     let (resp, fut) =
@@ -459,6 +471,68 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
         relay.registry.announce_conn(&conn);
     });
     Ok(resp)
+}
+
+/// A ready client connection (`?ready=1`): `ringway connect` opens one ahead of need, so that
+/// its next local connection costs no handshake. The token is checked now; the connection is
+/// opened in the session, and the agent asked for its device side, only when the first byte
+/// comes (an empty frame is enough). Until then it waits here, for at most the idle timeout and
+/// at most [`MAX_READY`](super::registry::memory::MAX_READY) per session; a client that closes
+/// it leaves no trace. A refusal at that point (the session ended, its connection limit) is a
+/// Close 1008 with the reason.
+async fn ready_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: String, peer: SocketAddr) -> Upgrade {
+    let token = bearer(&req).unwrap_or("").to_string();
+    relay.registry.ready_begin(&session, &token).map_err(|r| Box::new(refused(&relay, r)))?;
+    let (resp, fut) = upgrade(&relay, &mut req).inspect_err(|_| relay.registry.ready_end(&session))?;
+    tokio::task::spawn_local(async move {
+        relay.metrics.ready_waiting.fetch_add(1, Relaxed);
+        let waited = wait_ready(&relay, fut).await;
+        relay.metrics.ready_waiting.fetch_sub(1, Relaxed);
+        relay.registry.ready_end(&session);
+        let Some((mut live, leftover)) = waited else { return };
+        let conn = match relay.registry.client_conn(&session, &token, peer) {
+            Ok(conn) => conn,
+            Err(r) => {
+                let close = crate::ws::encode::close(crate::ws::CloseCode::POLICY_VIOLATION, &r.message);
+                let _ = live.write_all(close.as_bytes()).await;
+                return;
+            }
+        };
+        let Some(stream) = live.into_data_socket() else {
+            return abandon(&relay, &conn, "the connection could not be taken over");
+        };
+        relay.metrics.ready_used.fetch_add(1, Relaxed);
+        tracing::debug!(session = %conn.session, conn = conn.conn, %peer, "client connection (ready)");
+        relay
+            .workers
+            .send(conn.worker, Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover });
+        relay.registry.announce_conn(&conn);
+    });
+    Ok(resp)
+}
+
+/// A ready connection's wait for its first byte: the connection, or `None` if it closed, timed
+/// out or the relay is shutting down.
+async fn wait_ready(relay: &Relay, fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(Live, Bytes)> {
+    let (mut live, leftover) = take_live(fut).await?;
+    if !leftover.is_empty() {
+        return Some((live, leftover));
+    }
+    let mut shutdown = relay.shutdown.subscribe();
+    let idle = Duration::from_secs(relay.config.limits.idle_timeout_secs);
+    tokio::select! {
+        () = live.readable() => {}
+        () = tokio::time::sleep(idle) => {
+            let close = crate::ws::encode::close(crate::ws::CloseCode::GOING_AWAY, "ready connection unused");
+            let _ = live.write_all(close.as_bytes()).await;
+            return None;
+        }
+        _ = shutdown.wait_for(|s| *s) => return None,
+    }
+    if live.at_eof().await {
+        return None;
+    }
+    Some((live, leftover))
 }
 
 /// Header names of a connection one cluster node forwards to another: the forwarding node's

@@ -66,6 +66,9 @@ pub struct Metrics {
     /// Spare device connections parked now, and client connections that took one.
     pub spares_parked: AtomicU64,
     pub spares_used: AtomicU64,
+    /// Client connections opened ahead of need (`?ready=1`): waiting now, and used.
+    pub ready_waiting: AtomicU64,
+    pub ready_used: AtomicU64,
     handshake_failures: [AtomicU64; 8],
     /// Data connections ended, by close code ([`ENDS_BY_CODE`], then one slot for any other).
     ends_by_code: [AtomicU64; ENDS_BY_CODE.len() + 1],
@@ -124,6 +127,18 @@ impl Metrics {
             "gauge",
             "Spare device connections agents keep parked at the relay.",
             self.spares_parked.load(Relaxed),
+        );
+        metric(
+            "ready_connections",
+            "gauge",
+            "Client connections opened ahead of need, waiting for their first byte.",
+            self.ready_waiting.load(Relaxed),
+        );
+        metric(
+            "ready_connections_used_total",
+            "counter",
+            "Client connections opened ahead of need that carried a connection (no handshake for it).",
+            self.ready_used.load(Relaxed),
         );
         metric(
             "spare_connections_used_total",

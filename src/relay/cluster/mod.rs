@@ -826,6 +826,14 @@ impl Registry for ClusterRegistry {
         self.inner.local.announce_conn(c)
     }
 
+    fn ready_begin(&self, session: &str, token: &str) -> Result<(), Refusal> {
+        self.inner.local.ready_begin(session, token)
+    }
+
+    fn ready_end(&self, session: &str) {
+        self.inner.local.ready_end(session)
+    }
+
     fn device_conn(&self, session: &str, conn: u64, token: &str) -> Result<usize, Refusal> {
         self.inner.local.device_conn(session, conn, token)
     }

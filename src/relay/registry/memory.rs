@@ -43,7 +43,12 @@ struct Session {
     control_lost: Option<Instant>,
     bytes_to_device: u64,
     bytes_to_client: u64,
+    /// Ready client connections waiting for their first byte.
+    ready: usize,
 }
+
+/// Ready client connections one session may keep waiting.
+pub const MAX_READY: usize = 8;
 
 impl Session {
     fn new(
@@ -71,6 +76,7 @@ impl Session {
             control_lost: None,
             bytes_to_device: 0,
             bytes_to_client: 0,
+            ready: 0,
         }
     }
 }
@@ -526,6 +532,26 @@ impl MemoryRegistry {
         (t.sessions.len(), t.agents.values().filter(|a| a.link.is_some()).count())
     }
 
+    pub fn ready_begin(&self, session: &str, token: &str) -> Result<(), Refusal> {
+        let mut t = self.tables();
+        let s = t.sessions.get_mut(session).ok_or_else(Refusal::no_session)?;
+        if !s.client_token.matches(token) {
+            return Err(Refusal::bad_token());
+        }
+        if s.ready >= MAX_READY {
+            let message = format!("session has {MAX_READY} ready connections waiting, the limit");
+            return Err(Refusal::new(StatusCode::TOO_MANY_REQUESTS, message, Some(HandshakeFailure::Limit)));
+        }
+        s.ready += 1;
+        Ok(())
+    }
+
+    pub fn ready_end(&self, session: &str) {
+        if let Some(s) = self.tables().sessions.get_mut(session) {
+            s.ready = s.ready.saturating_sub(1);
+        }
+    }
+
     pub fn client_conn(&self, session: &str, token: &str, client_addr: SocketAddr) -> Result<ClientConn, Refusal> {
         let mut t = self.tables();
         let s = t.sessions.get_mut(session).ok_or_else(Refusal::no_session)?;
@@ -859,6 +885,14 @@ impl Registry for MemoryRegistry {
 
     fn announce_conn(&self, c: &ClientConn) {
         self.announce_conn(c)
+    }
+
+    fn ready_begin(&self, session: &str, token: &str) -> Result<(), Refusal> {
+        self.ready_begin(session, token)
+    }
+
+    fn ready_end(&self, session: &str) {
+        self.ready_end(session)
     }
 
     fn device_conn(&self, session: &str, conn: u64, token: &str) -> Result<usize, Refusal> {

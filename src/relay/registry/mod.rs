@@ -171,6 +171,14 @@ pub trait Registry: ConnEnds {
     /// or closes the connection at once if the device is offline. If the agent is reconnecting,
     /// the connection waits for it (within its pairing deadline).
     fn announce_conn(&self, c: &ClientConn);
+
+    /// A ready client connection for `session` begins to wait: checks its token and the
+    /// session's bound on waiting ones ([`memory::MAX_READY`]), without opening a connection
+    /// (that happens when it is first used). Each success is followed by one `ready_end`.
+    fn ready_begin(&self, session: &str, token: &str) -> Result<(), Refusal>;
+
+    /// A ready client connection stopped waiting (used, closed or timed out).
+    fn ready_end(&self, session: &str);
     /// Admits the device side of `conn`; returns the worker that owns the connection.
     fn device_conn(&self, session: &str, conn: u64, token: &str) -> Result<usize, Refusal>;
     /// The agent of `device` says it cannot reach the service for `conn`.
