@@ -8,6 +8,8 @@
 //!   agent, `connect` and the relay.
 //! - **Round trip**: 64-byte echoes, p50 and p99, with every process and thread pinned to one
 //!   core, against the splice relay's.
+//! - **First byte**: from a local `connect()` to the first echoed byte with each edge 25 ms
+//!   each way from the relay (a delaying proxy of its own in front of the relay).
 //!
 //! Both relay engines. With `EDGES_BASELINE=/path/to/an/older/ringway`, that build is measured
 //! too, in the same run ("before" rows).
@@ -416,6 +418,106 @@ fn rtt_table(builds: &[(String, String)], n: usize) {
     pin_to(&all);
 }
 
+/// A proxy that delays like a link with `delay` each way: the connection to upstream is made
+/// `delay` after the client's (the SYN's trip), the client's bytes reach upstream no earlier
+/// than one round trip after it connected (the handshake) plus `delay`, and every chunk either
+/// way arrives `delay` after it was sent. (This kernel has no netem.)
+fn delay_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            let t0 = Instant::now();
+            thread::spawn(move || {
+                thread::sleep(delay);
+                let Ok(u) = TcpStream::connect(upstream) else { return };
+                let _ = (c.set_nodelay(true), u.set_nodelay(true));
+                let ready = t0 + 2 * delay;
+                let (c2, u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                thread::spawn(move || delayed_copy(c2, u2, move |at| at.max(ready) + delay));
+                delayed_copy(u, c, move |at| at + delay);
+            });
+        }
+    });
+    addr
+}
+
+/// Copies `from` to `to`, each chunk written at `release(when it was read)`.
+fn delayed_copy(mut from: TcpStream, mut to: TcpStream, release: impl Fn(Instant) -> Instant + Send + 'static) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = thread::spawn(move || {
+        for (at, chunk) in rx {
+            let now = Instant::now();
+            if at > now {
+                thread::sleep(at - now);
+            }
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || tx.send((release(Instant::now()), buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
+
+/// Time from a local connect() to the first echoed byte, with both edges 25 ms (each way) from
+/// the relay.
+fn first_byte_table(builds: &[(String, String)], n: usize) {
+    const DELAY: Duration = Duration::from_millis(25);
+    println!(
+        "
+first byte: connect() to the first echoed byte, each edge 50 ms round trip from the relay, {n} connections (ms)"
+    );
+    println!("{:<24} {:>8} {:>8} {:>8}", "path", "min", "p50", "max");
+    let echo = echo_server();
+    for (label, bin) in builds {
+        let relay = Relay::start_bin(bin, "127.0.0.1:0", "epoll", "");
+        let (to_agent, to_connect) = (delay_proxy(relay.addr, DELAY), delay_proxy(relay.addr, DELAY));
+        let svc = format!("svc={echo}");
+        let agent_url = format!("http://{to_agent}");
+        let args = ["agent", "--relay", &agent_url, "--device", DEVICE_ID, "--key", DEVICE_KEY, "--service", &svc];
+        let (_agent, _) = Proc::spawn_bin(bin, "agent", &args, false);
+        relay.wait_device_online(DEVICE_ID, true);
+        let connect_url = format!("http://{to_connect}");
+        let args =
+            ["connect", "--relay", &connect_url, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "svc"];
+        let (_connect, local) = Proc::spawn_bin(bin, "connect", &args, true);
+        let local = local.unwrap();
+        let mut times: Vec<f64> = (0..n)
+            .map(|_| {
+                // Time for whatever the edges keep ready to be ready again.
+                thread::sleep(Duration::from_millis(1500));
+                let began = Instant::now();
+                let mut s = TcpStream::connect(local).unwrap();
+                s.set_nodelay(true).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(b"x").unwrap();
+                let mut back = [0u8; 1];
+                s.read_exact(&mut back).unwrap();
+                assert_eq!(&back, b"x");
+                began.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        println!(
+            "{:<24} {:>8.1} {:>8.1} {:>8.1}",
+            format!("ringway epoll, {label}"),
+            times[0],
+            times[n / 2],
+            times[n - 1]
+        );
+    }
+    println!("(one round trip of the whole path, client to relay to device, is 100 ms here)");
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // 2,000 idle connections take 4,000 descriptors in the benchmark and in each process.
@@ -433,8 +535,8 @@ fn main() {
     let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("edges: end to end through real processes; {cpus} CPUs, Linux {}", kernel.trim());
-    // EDGES_PARTS=bulk,idle,rtt (any of them) runs only those parts.
-    let parts = std::env::var("EDGES_PARTS").unwrap_or_else(|_| "bulk,idle,rtt".into());
+    // EDGES_PARTS=bulk,idle,rtt,first (any of them) runs only those parts.
+    let parts = std::env::var("EDGES_PARTS").unwrap_or_else(|_| "bulk,idle,rtt,first".into());
     if parts.contains("bulk") {
         bulk_table(&builds, if quick { 1 << 30 } else { 4 << 30 });
     }
@@ -443,5 +545,8 @@ fn main() {
     }
     if parts.contains("rtt") {
         rtt_table(&builds, if quick { 2000 } else { 20000 });
+    }
+    if parts.contains("first") {
+        first_byte_table(&builds, if quick { 5 } else { 15 });
     }
 }

@@ -543,10 +543,13 @@ mod tests {
             CloseReason::ControlReplaced,
             CloseReason::Unavailable(String::new()),
             CloseReason::Moving(String::new()),
+            CloseReason::Revoked,
         ];
         let mut used: std::collections::BTreeSet<u16> = reasons.iter().map(|r| r.code().0).collect();
         // The control channels' own: a binary message (crate::channel).
         used.insert(CloseCode::UNSUPPORTED_DATA.0);
+        // The edges' own, forwarded by the relay: a local connection was reset (crate::splice).
+        used.insert(CloseCode::CONNECTION_RESET.0);
         // 1006 is never sent (audit only), so it is not in the table of codes peers hear.
         let sent: std::collections::BTreeSet<u16> = used.into_iter().filter(|&c| c != 1006).collect();
         assert_eq!(table, sent, "README's close-code table and the codes CloseReason sends differ");
