@@ -54,7 +54,7 @@ impl Default for Spares {
 
 impl Spares {
     /// The most spares a relay parks for one agent.
-    pub const LIMIT: usize = crate::relay::registry::memory::MAX_SPARES;
+    pub const LIMIT: usize = crate::proto::MAX_SPARES;
 
     pub fn new(min: usize, max: usize) -> anyhow::Result<Spares> {
         anyhow::ensure!(min <= max, "--spares-min {min} is above --spares-max {max}");

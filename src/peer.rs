@@ -80,16 +80,6 @@ impl AsyncWrite for RelayConn {
     }
 }
 
-impl RelayConn {
-    /// Whether the TLS session was resumed (`None` for a plain connection).
-    pub fn resumed(&self) -> Option<bool> {
-        match self {
-            RelayConn::Plain(_) => None,
-            RelayConn::Tls(s) => Some(s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)),
-        }
-    }
-}
-
 /// TCP keepalive on every connection to the relay: a relay that vanished without a FIN or RST
 /// (power loss, a NAT that dropped the mapping) is noticed on a quiet connection within
 /// 60 s + 6 × 10 s = 2 minutes. (With data unacknowledged, the kernel's retransmission limit

@@ -1,7 +1,11 @@
 //! What travels as JSON: the control API's bodies, the agent's control channel and the
-//! session control channel. Data connections carry only binary frames and never touch this.
+//! session control channel. Data connections carry only binary frames and never touch this,
+//! except a spare device connection's first message: its order, a [`ToAgent::Connect`].
 
 use serde::{Deserialize, Serialize};
+
+/// Spare device connections a relay parks for one agent (and so the most an agent keeps).
+pub const MAX_SPARES: usize = 64;
 
 /// Relay → agent, on the agent's control connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

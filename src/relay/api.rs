@@ -465,12 +465,17 @@ async fn client_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: 
             return abandon(&relay, &conn, "the upgrade did not complete");
         };
         tracing::debug!(session = %conn.session, conn = conn.conn, %peer, "client connection");
-        relay
-            .workers
-            .send(conn.worker, Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover });
-        relay.registry.announce_conn(&conn);
+        admit(&relay, &conn, stream, leftover);
     });
     Ok(resp)
+}
+
+/// An admitted client connection goes to its worker, and the agent is asked for its device
+/// side (a parked spare, or a dial).
+fn admit(relay: &Relay, conn: &ClientConn, stream: DataSocket, leftover: Bytes) {
+    let session = conn.session.clone();
+    relay.workers.send(conn.worker, Cmd::Client { conn: conn.conn, session, stream, leftover });
+    relay.registry.announce_conn(conn);
 }
 
 /// A ready client connection (`?ready=1`): `ringway connect` opens one ahead of need, so that
@@ -503,10 +508,7 @@ async fn ready_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, session: S
         };
         relay.metrics.ready_used.fetch_add(1, Relaxed);
         tracing::debug!(session = %conn.session, conn = conn.conn, %peer, "client connection (ready)");
-        relay
-            .workers
-            .send(conn.worker, Cmd::Client { conn: conn.conn, session: conn.session.clone(), stream, leftover });
-        relay.registry.announce_conn(&conn);
+        admit(&relay, &conn, stream, leftover);
     });
     Ok(resp)
 }

@@ -112,9 +112,6 @@ struct Agent {
     spares: Vec<Spare>,
 }
 
-/// Spare device connections one agent may park.
-pub const MAX_SPARES: usize = 64;
-
 /// What asks an agent to dial the service and the device endpoint for connection `conn`.
 fn connect_request(session: &str, service: &str, device_token: &Secret, conn: u64) -> ToAgent {
     ToAgent::Connect {
@@ -675,7 +672,7 @@ impl MemoryRegistry {
         let mut t = self.tables();
         let Some(agent) = t.agents.get_mut(device).filter(|a| a.link.is_some()) else { return false };
         agent.spares.retain(|s| !s.is_closed());
-        if agent.spares.len() >= MAX_SPARES {
+        if agent.spares.len() >= crate::proto::MAX_SPARES {
             return false;
         }
         agent.spares.push(spare);
