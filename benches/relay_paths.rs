@@ -28,31 +28,20 @@ fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
         &["agent", "--relay", &url, "--ca", &ca, "--device", DEVICE_ID, "--key", DEVICE_KEY, "--service", &svc],
         false,
     );
-    let (_connect, local) = loop {
-        // The agent needs a moment to come online; connect retries until a session starts.
-        let (mut p, a) = Proc::spawn(
-            "connect",
-            &[
-                "connect",
-                "--relay",
-                &url,
-                "--ca",
-                &ca,
-                "--token",
-                OPERATOR_TOKEN,
-                "--device",
-                DEVICE_ID,
-                "--service",
-                "bulk",
-            ],
-            true,
-        );
-        let a = a.unwrap();
-        thread::sleep(std::time::Duration::from_millis(300));
-        if p.try_wait_ref().is_none() {
-            break (p, a);
-        }
-    };
+    let args = [
+        "connect",
+        "--relay",
+        &url,
+        "--ca",
+        &ca,
+        "--token",
+        OPERATOR_TOKEN,
+        "--device",
+        DEVICE_ID,
+        "--service",
+        "bulk",
+    ];
+    let (_connect, local) = connect_when_online(&args);
     thread::sleep(std::time::Duration::from_millis(300));
     let cpu0 = proc_cpu_secs(relay.proc.pid());
     let began = Instant::now();

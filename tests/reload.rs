@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::util::*;
 
@@ -26,14 +26,6 @@ fn rewrite(relay: &Relay, text: &str) {
 fn hup(relay: &Relay) {
     // SAFETY: kill(2) on the child's pid.
     assert_eq!(unsafe { libc::kill(relay.proc.pid() as i32, libc::SIGHUP) }, 0);
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn echo(s: &mut TcpStream, what: &[u8]) {

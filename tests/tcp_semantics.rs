@@ -113,28 +113,9 @@ fn world(tls: bool) -> World {
     let svc = format!("s={service}");
     let args = ["agent", "--relay", &url, "--ca", &ca, "--device", DEVICE_ID, "--key", DEVICE_KEY, "--service", &svc];
     let (agent, _) = Proc::spawn("agent", &args, false);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let (connect, local) = loop {
-        let args = [
-            "connect",
-            "--relay",
-            &url,
-            "--ca",
-            &ca,
-            "--token",
-            OPERATOR_TOKEN,
-            "--device",
-            DEVICE_ID,
-            "--service",
-            "s",
-        ];
-        let (mut p, local) = Proc::spawn("connect", &args, true);
-        std::thread::sleep(Duration::from_millis(200));
-        if p.try_wait_ref().is_none() {
-            break (p, local.unwrap());
-        }
-        assert!(std::time::Instant::now() < deadline, "no session: {}", p.stderr());
-    };
+    let args =
+        ["connect", "--relay", &url, "--ca", &ca, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "s"];
+    let (connect, local) = connect_when_online(&args);
     World { _relay: relay, _agent: agent, _connect: connect, local, saw, _pki: pki }
 }
 

@@ -337,22 +337,45 @@ pub fn ws_wait_close(ws: &mut tungstenite::WebSocket<TcpStream>, within: Duratio
 
 /// A process's resident memory (KiB) from /proc; 0 once it is gone.
 pub fn proc_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_status_kib(pid, "VmRSS:")
 }
 
 /// A process's peak resident memory (KiB, VmHWM) from /proc; 0 once it is gone.
 pub fn proc_peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A `kB` field of /proc/PID/status; 0 once the process is gone.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Waits (up to 15 s) until `ok`; fails with `what` otherwise.
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ringway ARGS` for a `connect`, started again until it stays up (the agent needs a moment to
+/// come online; `connect` exits when its session cannot start). Returns it and its local port.
+pub fn connect_when_online(args: &[&str]) -> (Proc, SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (mut p, local) = Proc::spawn("connect", args, true);
+        thread::sleep(Duration::from_millis(300));
+        if p.try_wait_ref().is_none() {
+            return (p, local.unwrap());
+        }
+        assert!(Instant::now() < deadline, "no session: {}", p.stderr());
+    }
 }
 
 /// A process's user + system CPU time (seconds) from /proc; 0 once it is gone.
