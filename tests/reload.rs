@@ -134,6 +134,10 @@ fn the_reload_endpoint_takes_an_admin_and_reports_what_it_did() {
     assert_eq!(done["operators"], 2, "{done}");
     assert_eq!(done["devices"], 2, "{done}");
     assert_eq!(done["restart_needed"], serde_json::json!(["limits"]), "{done}");
+    // Still: the relay runs with the limits it started with, however often the file is read.
+    let (_, body) = http(relay.addr, "POST", "/api/v1/reload", Some(ROOT), None);
+    let again: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(again["restart_needed"], serde_json::json!(["limits"]), "{again}");
 
     rewrite(&relay, "[[operator]]\nname = \"x\"\n");
     let (status, body) = http(relay.addr, "POST", "/api/v1/reload", Some(ROOT), None);

@@ -18,13 +18,6 @@ use serde::Serialize;
 use crate::config::{Config, ConfigError, Role};
 use crate::tls::CertSlot;
 
-/// The configuration as last read: its operators and devices apply.
-struct Table {
-    config: Config,
-    /// The sections that need a restart, as read at start (compared on reload).
-    fixed: Fixed,
-}
-
 /// The sections a reload does not apply, rendered for comparison.
 #[derive(PartialEq)]
 struct Fixed {
@@ -62,7 +55,10 @@ impl Fixed {
 
 /// The live credentials and certificate.
 pub struct Keys {
-    table: RwLock<Arc<Table>>,
+    /// The configuration as last read: its operators and devices apply.
+    config: RwLock<Arc<Config>>,
+    /// The sections that need a restart, as the relay started with them.
+    running: Fixed,
     /// Set when the relay serves TLS.
     cert: Option<Arc<CertSlot>>,
     /// The file to read again; `None` for a config given as text (tests, the demo).
@@ -105,7 +101,8 @@ impl Keys {
             None => None,
         };
         Ok(Keys {
-            table: RwLock::new(Arc::new(Table::of(config.clone()))),
+            config: RwLock::new(Arc::new(config.clone())),
+            running: Fixed::of(config),
             cert,
             source: config.source.clone(),
             reloading: std::sync::Mutex::new(()),
@@ -117,28 +114,28 @@ impl Keys {
         self.cert.clone()
     }
 
-    fn table(&self) -> Arc<Table> {
-        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The operator whose token this is: name and role.
     pub fn operator(&self, token: &str) -> Option<(String, Role)> {
-        self.table().config.operator(token).map(|o| (o.name.clone(), o.role))
+        self.config().operator(token).map(|o| (o.name.clone(), o.role))
     }
 
     /// Every configured device's id.
     pub fn device_ids(&self) -> Vec<String> {
-        self.table().config.device.iter().map(|d| d.id.clone()).collect()
+        self.config().device.iter().map(|d| d.id.clone()).collect()
     }
 
     /// Whether `device` is configured.
     pub fn device_known(&self, device: &str) -> bool {
-        self.table().config.device(device).is_some()
+        self.config().device(device).is_some()
     }
 
     /// Whether `key` is `device`'s key.
     pub fn device_key_ok(&self, device: &str, key: &str) -> bool {
-        self.table().config.device(device).is_some_and(|d| d.key.matches(key))
+        self.config().device(device).is_some_and(|d| d.key.matches(key))
     }
 
     /// Reads the config file again and applies its credentials and certificate. The caller
@@ -146,9 +143,9 @@ impl Keys {
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.source.as_ref().ok_or(ReloadError::NoFile)?;
-        let config = Config::load(path)?;
-        let old = self.table();
-        let certificate = match (&self.cert, &config.tls) {
+        let new = Config::load(path)?;
+        let old = self.config();
+        let certificate = match (&self.cert, &new.tls) {
             (Some(slot), Some(t)) => {
                 let key = crate::tls::certified_key(&t.cert, &t.key).map_err(ReloadError::Certificate)?;
                 slot.replace(key);
@@ -157,31 +154,19 @@ impl Keys {
             (None, None) => false,
             (had, _) => return Err(ReloadError::TlsToggled(had.is_some())),
         };
-        let new = Table::of(config);
         // A device is revoked when it is gone or its key changed (as the file writes it: a key
         // rewritten as its hash counts as changed, which costs its agent one reconnect).
         let revoked = old
-            .config
             .device
             .iter()
-            .filter(|d| new.config.device(&d.id).is_none_or(|n| n.key != d.key))
+            .filter(|d| new.device(&d.id).is_none_or(|n| n.key != d.key))
             .map(|d| d.id.clone())
             .collect();
-        let restart_needed = old.fixed.changed(&new.fixed);
-        let reloaded = Reloaded {
-            operators: new.config.operator.len(),
-            devices: new.config.device.len(),
-            certificate,
-            revoked,
-            restart_needed,
-        };
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        // Against what the relay runs with: the file it started from, whatever was reloaded since.
+        let restart_needed = self.running.changed(&Fixed::of(&new));
+        let reloaded =
+            Reloaded { operators: new.operator.len(), devices: new.device.len(), certificate, revoked, restart_needed };
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         Ok(reloaded)
-    }
-}
-
-impl Table {
-    fn of(config: Config) -> Table {
-        Table { fixed: Fixed::of(&config), config }
     }
 }
