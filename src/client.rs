@@ -15,16 +15,24 @@ use tokio::sync::watch;
 
 use crate::channel::{self, Incoming};
 use crate::peer::{self, RelayUrl};
-use crate::proto::{printable, SessionEvent, SessionStarted, StartSession};
+use crate::proto::{printable, Launch, SessionEvent, SessionStarted, StartSession};
 use crate::splice::{LocalWrite, SpliceEnd};
 
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     pub relay: RelayUrl,
-    pub token: String,
-    pub device: String,
-    pub service: String,
-    pub ttl_secs: Option<u64>,
+    pub how: How,
+}
+
+/// How `connect` gets its session.
+#[derive(Debug, Clone)]
+pub enum How {
+    /// Starts one with an operator token (which also closes it when `connect` exits).
+    Start { token: String, device: String, service: String, ttl_secs: Option<u64> },
+    /// Redeems a one-time launch code someone else's session start gave (`--code`). Without an
+    /// operator token the session is not closed on exit: it ends when its client has been gone
+    /// for the relay's grace period, or at its expiry.
+    Code(String),
 }
 
 /// A started session with its control connection watched.
@@ -32,7 +40,8 @@ pub struct Session {
     /// Where the control API is (`--relay`).
     pub relay: RelayUrl,
     pub started: SessionStarted,
-    operator_token: String,
+    /// The operator token that started it; `None` for a session from a launch code.
+    operator_token: Option<String>,
     /// Becomes `Some((code, reason))` when the session ends (the relay ended it, or its control
     /// connection could not be re-attached within the relay's grace period).
     pub ended: watch::Receiver<Option<(u16, String)>>,
@@ -67,22 +76,34 @@ const RELAY_SILENCE: Duration = Duration::from_secs(35);
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 impl Session {
-    /// Starts a session and attaches its control connection.
+    /// Starts a session (or redeems a launch code for one) and attaches its control connection.
     pub async fn start(opts: &ConnectOptions) -> anyhow::Result<Session> {
-        let body = serde_json::to_string(&StartSession {
-            device: opts.device.clone(),
-            service: opts.service.clone(),
-            ttl_secs: opts.ttl_secs,
-        })?;
-        let resp = peer::api(&opts.relay, Method::POST, "/api/v1/sessions", &opts.token, Some(body))
-            .await
-            .context("starting a session")?;
+        let (resp, operator_token) = match &opts.how {
+            How::Start { token, device, service, ttl_secs } => {
+                let body = serde_json::to_string(&StartSession {
+                    device: device.clone(),
+                    service: service.clone(),
+                    ttl_secs: *ttl_secs,
+                })?;
+                let resp = peer::api(&opts.relay, Method::POST, "/api/v1/sessions", token, Some(body))
+                    .await
+                    .context("starting a session")?;
+                (resp, Some(token.clone()))
+            }
+            How::Code(code) => {
+                let body = serde_json::to_string(&Launch { code: code.clone() })?;
+                let resp = peer::api(&opts.relay, Method::POST, "/api/v1/launch", "", Some(body))
+                    .await
+                    .context("redeeming the launch code (it is good once, for 2 minutes)")?;
+                (resp, None)
+            }
+        };
         let started: SessionStarted = serde_json::from_slice(&resp).context("the relay's session answer")?;
         let home = std::sync::Arc::new(std::sync::Mutex::new(Home::of(&opts.relay, &started.client_url)?));
         let control = Control {
             ready: Default::default(),
             api: opts.relay.clone(),
-            operator_token: opts.token.clone(),
+            operator_token: operator_token.clone(),
             home: home.clone(),
             id: started.id.clone(),
             token: started.client_token.clone(),
@@ -92,15 +113,7 @@ impl Session {
         let ws = peer::dial(&control.node(), &control.path(), &control.token).await?;
         let (ended_tx, ended) = watch::channel(None);
         tokio::spawn(control.keep(ws, ended_tx));
-        Ok(Session {
-            relay: opts.relay.clone(),
-            started,
-            operator_token: opts.token.clone(),
-            ended,
-            home,
-            ready,
-            refilling: false.into(),
-        })
+        Ok(Session { relay: opts.relay.clone(), started, operator_token, ended, home, ready, refilling: false.into() })
     }
 
     /// The ready connection if it is still good (started), else a fresh one.
@@ -176,10 +189,12 @@ impl Session {
         }
     }
 
-    /// Closes the session through the API (best effort: it may have ended already).
+    /// Closes the session through the API (best effort: it may have ended already). A session
+    /// from a launch code has no operator token to do it with.
     pub async fn close(&self) {
+        let Some(token) = &self.operator_token else { return };
         let path = format!("/api/v1/sessions/{}", self.started.id);
-        let _ = peer::api(&self.relay, Method::DELETE, &path, &self.operator_token, None).await;
+        let _ = peer::api(&self.relay, Method::DELETE, &path, token, None).await;
     }
 }
 
@@ -189,7 +204,8 @@ struct Control {
     api: RelayUrl,
     /// The session's ready data connection: dropped when the session moves.
     ready: std::sync::Arc<std::sync::Mutex<Option<crate::splice::DataWs>>>,
-    operator_token: String,
+    /// Asks where the session went; a session from a launch code cannot ask.
+    operator_token: Option<String>,
     home: std::sync::Arc<std::sync::Mutex<Home>>,
     id: String,
     token: String,
@@ -215,8 +231,9 @@ impl Control {
     /// Asks the control API where the session lives now (a cluster moves it with its device);
     /// follows it there. Best effort: a single relay's answer has no `client_url`.
     async fn relocate(&self) {
+        let Some(token) = &self.operator_token else { return };
         let path = format!("/api/v1/sessions/{}", self.id);
-        let Ok(body) = peer::api(&self.api, Method::GET, &path, &self.operator_token, None).await else { return };
+        let Ok(body) = peer::api(&self.api, Method::GET, &path, token, None).await else { return };
         let Ok(info) = serde_json::from_slice::<crate::proto::SessionInfo>(&body) else { return };
         let Some(url) = info.client_url else { return };
         match Home::of(&self.api, &url) {
@@ -341,7 +358,7 @@ pub enum Mode {
 /// `ringway connect`: returns the process exit code.
 pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
     let session = std::sync::Arc::new(Session::start(&opts).await?);
-    tracing::info!(session = session.started.id, device = opts.device, service = opts.service, "session started");
+    tracing::info!(session = session.started.id, "session started");
     let code = match mode {
         Mode::Stdio => {
             let end = session.carry(tokio::io::stdin(), tokio::io::stdout()).await?;
@@ -384,6 +401,17 @@ pub async fn run(opts: ConnectOptions, mode: Mode) -> anyhow::Result<i32> {
     };
     session.close().await;
     Ok(code)
+}
+
+/// What `session start` (and the console) tell an operator to pass on with a launch code.
+pub fn launch_lines(relay: &RelayUrl, code: &str) -> String {
+    let relay = relay.base();
+    format!(
+        "launch code {code}: good once, for {secs} s\n  \
+         ringway connect --relay {relay} --code {code}\n  \
+         ssh -o ProxyCommand='ringway connect --relay {relay} --code {code} --stdio' user@device\n",
+        secs = crate::proto::LAUNCH_CODE_SECS,
+    )
 }
 
 /// Runs `sh -c CMD` with `{port}` replaced; the session lasts as long as the command.

@@ -203,6 +203,13 @@ pub struct Limits {
     /// After 5 failed logins within a minute from one address, its credential checks are
     /// spaced this far apart (parallel attempts queue; a long queue is refused with 429).
     pub auth_failure_delay_ms: u64,
+    /// A console login (its cookie) unused for this long is over.
+    pub login_idle_timeout_secs: u64,
+    /// Console logins held at once, relay-wide; past it the longest idle one is dropped.
+    pub max_logins: usize,
+    /// Ended sessions kept in memory for the console and `GET /api/v1/sessions/ended` (older
+    /// ones are in the audit log).
+    pub recent_sessions: usize,
 }
 
 impl Default for Limits {
@@ -228,6 +235,9 @@ impl Default for Limits {
             agent_grace_secs: 10,
             drain_timeout_secs: 20,
             auth_failure_delay_ms: 1000,
+            login_idle_timeout_secs: 15 * 60,
+            max_logins: 256,
+            recent_sessions: 100,
         }
     }
 }
@@ -460,6 +470,9 @@ impl Config {
         }
         if l.keepalive_secs == 0 || l.attach_timeout_secs == 0 || l.max_sessions_per_operator == 0 {
             invalid!("limits.keepalive_secs, attach_timeout_secs and max_sessions_per_operator must be above 0");
+        }
+        if l.login_idle_timeout_secs == 0 || l.max_logins == 0 {
+            invalid!("limits.login_idle_timeout_secs and max_logins must be above 0");
         }
         if l.max_handshakes_per_address == 0 {
             invalid!("limits.max_handshakes_per_address must be above 0");

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::agent::{self, AgentOptions};
-use crate::client::{ConnectOptions, Session};
+use crate::client::{ConnectOptions, How, Session};
 use crate::config::{Config, Credential, Device, Operator, Role, Secret};
 use crate::peer::{self, RelayUrl};
 use crate::proto::DeviceInfo;
@@ -59,13 +59,13 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
     wait_online(&relay_url, operator_token.expose()).await?;
     println!("agent for demo-device connected, offering service web -> {service}");
 
-    let opts = ConnectOptions {
-        relay: relay_url,
+    let how = How::Start {
         token: operator_token.expose().to_string(),
         device: "demo-device".into(),
         service: "web".into(),
         ttl_secs: None,
     };
+    let opts = ConnectOptions { relay: relay_url, how };
     let session = Arc::new(Session::start(&opts).await?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let local = listener.local_addr()?;

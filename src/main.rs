@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hyper::Method;
 use ringway::agent::{self, AgentOptions};
-use ringway::client::{self, ConnectOptions, Mode};
+use ringway::client::{self, ConnectOptions, How, Mode};
 use ringway::config::Config;
 use ringway::peer::{self, RelayUrl};
 use ringway::proto::StartSession;
@@ -74,7 +74,8 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         spares_max: usize,
     },
-    /// Start a session to a device's service and serve it on a local port.
+    /// Start a session to a device's service (or redeem a launch code for one) and serve it on
+    /// a local port.
     Connect {
         /// The relay, e.g. https://relay.example.net
         #[arg(long)]
@@ -82,13 +83,17 @@ enum Command {
         /// CA certificate (PEM) to verify an https:// relay with, instead of the system roots.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// A one-time launch code (from `session start` or the console) instead of an operator
+        /// token, device and service.
+        #[arg(long, conflicts_with_all = ["token", "device", "service", "ttl"])]
+        code: Option<String>,
         /// Operator token for the control API.
-        #[arg(long, env = "RINGWAY_TOKEN", hide_env_values = true)]
-        token: String,
-        #[arg(long)]
-        device: String,
-        #[arg(long)]
-        service: String,
+        #[arg(long, env = "RINGWAY_TOKEN", hide_env_values = true, required_unless_present = "code")]
+        token: Option<String>,
+        #[arg(long, required_unless_present = "code")]
+        device: Option<String>,
+        #[arg(long, required_unless_present = "code")]
+        service: Option<String>,
         /// Local address to listen on (port 0: any free port, printed).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
@@ -123,7 +128,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum SessionAction {
-    /// Start a session; prints its id, client URL and client token.
+    /// Start a session; prints its id, client URL, client token and launch code (JSON), and on
+    /// stderr the `connect` and ssh lines that redeem the code.
     Start {
         #[arg(long)]
         device: String,
@@ -138,6 +144,27 @@ enum SessionAction {
     Show { id: String },
     /// Close a session; its connections end with close code 4003.
     Close { id: String },
+    /// List the sessions that ended recently (older ones are in the audit log).
+    Ended,
+    /// List the configured devices: online, agent version and address, services.
+    Devices,
+    /// Disconnect a device's agent (admin; it may reconnect).
+    Disconnect { device: String },
+    /// Print audit records (JSON lines), filtered.
+    Audit {
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        operator: Option<String>,
+        /// Unix seconds.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Unix seconds.
+        #[arg(long)]
+        until: Option<u64>,
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -186,7 +213,7 @@ fn wait_for_termination(relay: &ringway::relay::Relay) -> anyhow::Result<()> {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
                     // Refusals are logged by reload itself; the relay runs on either way.
-                    let _ = relay.reload();
+                    let _ = relay.reload("SIGHUP");
                 }
             }
         }
@@ -220,9 +247,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let opts = AgentOptions { relays, device, key, services: services.into_iter().collect(), spares };
             tokio_main(async move { agent::run(opts).await.map(|()| 0) })
         }
-        Command::Connect { relay, ca, token, device, service, listen, exec, stdio, ttl } => {
+        Command::Connect { relay, ca, code, token, device, service, listen, exec, stdio, ttl } => {
             let relay = RelayUrl::parse_with_ca(&relay, ca.as_deref())?;
-            let opts = ConnectOptions { relay, token, device, service, ttl_secs: ttl };
+            let how = match (code, token, device, service) {
+                (Some(code), ..) => How::Code(code),
+                (None, Some(token), Some(device), Some(service)) => {
+                    How::Start { token, device, service, ttl_secs: ttl }
+                }
+                _ => anyhow::bail!("--code, or --token with --device and --service, is required"),
+            };
+            let opts = ConnectOptions { relay, how };
             let mode = if stdio { Mode::Stdio } else { Mode::Listen { addr: listen, exec } };
             tokio_main(client::run(opts, mode))
         }
@@ -230,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let relay = RelayUrl::parse_with_ca(&relay, ca.as_deref())?;
             let token = token.context("--token (or RINGWAY_TOKEN) is required")?;
             tokio_main(async move {
+                let starting = matches!(action, SessionAction::Start { .. });
                 let (method, path, body) = match action {
                     SessionAction::Start { device, service, ttl } => {
                         let body = serde_json::to_string(&StartSession { device, service, ttl_secs: ttl })?;
@@ -238,8 +273,32 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     SessionAction::List => (Method::GET, "/api/v1/sessions".to_string(), None),
                     SessionAction::Show { id } => (Method::GET, format!("/api/v1/sessions/{id}"), None),
                     SessionAction::Close { id } => (Method::DELETE, format!("/api/v1/sessions/{id}"), None),
+                    SessionAction::Ended => (Method::GET, "/api/v1/sessions/ended".to_string(), None),
+                    SessionAction::Devices => (Method::GET, "/api/v1/devices".to_string(), None),
+                    SessionAction::Disconnect { device } => {
+                        (Method::POST, format!("/api/v1/devices/{device}/disconnect"), None)
+                    }
+                    SessionAction::Audit { device, operator, since, until, limit } => {
+                        let mut q = form_urlencoded::Serializer::new(String::new());
+                        device.map(|v| q.append_pair("device", &v));
+                        operator.map(|v| q.append_pair("operator", &v));
+                        since.map(|v| q.append_pair("since", &v.to_string()));
+                        until.map(|v| q.append_pair("until", &v.to_string()));
+                        limit.map(|v| q.append_pair("limit", &v.to_string()));
+                        let out =
+                            peer::api(&relay, Method::GET, &format!("/api/v1/audit?{}", q.finish()), &token, None)
+                                .await?;
+                        print!("{}", String::from_utf8_lossy(&out));
+                        return Ok(0);
+                    }
                 };
                 let out = peer::api(&relay, method, &path, &token, body).await?;
+                if starting {
+                    let started: ringway::proto::SessionStarted = serde_json::from_slice(&out)?;
+                    if let Some(code) = &started.launch_code {
+                        eprint!("{}", client::launch_lines(&relay, code));
+                    }
+                }
                 if out.is_empty() {
                     println!("{{}}");
                 } else {

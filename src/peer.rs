@@ -30,7 +30,14 @@ pub struct RelayUrl {
 
 impl std::fmt::Debug for RelayUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.authority)
+        f.write_str(&self.base())
+    }
+}
+
+impl RelayUrl {
+    /// The relay's base URL as a user would type it (`https://host:port`).
+    pub fn base(&self) -> String {
+        format!("{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.authority)
     }
 }
 
@@ -269,11 +276,10 @@ pub async fn api(
     let tcp = relay.connect().await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method.clone())
-        .uri(path)
-        .header(HOST, &relay.authority)
-        .header(AUTHORIZATION, format!("Bearer {token}"));
+    let mut req = Request::builder().method(method.clone()).uri(path).header(HOST, &relay.authority);
+    if !token.is_empty() {
+        req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
     if body.is_some() {
         req = req.header(CONTENT_TYPE, "application/json");
     }

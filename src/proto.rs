@@ -69,10 +69,41 @@ pub struct SessionStarted {
     pub client_token: String,
     /// Unix seconds.
     pub expires_at: u64,
+    /// A one-time code for `ringway connect --code` (`POST /api/v1/launch`): it stands for
+    /// this answer, for [`LAUNCH_CODE_SECS`] and one use. Absent from a redeemed answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_code: Option<String>,
+}
+
+/// How long a launch code can be redeemed.
+pub const LAUNCH_CODE_SECS: u64 = 120;
+
+/// `POST /api/v1/launch` body; the answer is the session's [`SessionStarted`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Launch {
+    pub code: String,
+}
+
+/// `POST /api/v1/login` body: an operator token, exchanged for a console login (a cookie).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    pub token: String,
+}
+
+/// `POST` and `GET /api/v1/login` answer: who is logged in, and the proof every state-changing
+/// request of this login carries in its `X-CSRF-Token` header.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoggedIn {
+    pub operator: String,
+    pub role: String,
+    pub csrf_token: String,
+    pub idle_timeout_secs: u64,
 }
 
 /// A session in `GET /api/v1/sessions[/{id}]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionInfo {
     pub id: String,
     pub device: String,
@@ -91,10 +122,21 @@ pub struct SessionInfo {
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_url: Option<String>,
+    /// The distinct addresses its client connections came from (at most 8, first seen first).
+    #[serde(default)]
+    pub client_addrs: Vec<String>,
+    /// An ended session (`GET /api/v1/sessions/ended`): when, and the close code and reason
+    /// its connections heard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_code: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<String>,
 }
 
 /// A device in `GET /api/v1/devices`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceInfo {
     pub id: String,
     pub online: bool,
@@ -105,6 +147,23 @@ pub struct DeviceInfo {
     /// Cluster only: the node holding the device's agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Unix seconds when its agent was last connected here (now, if it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
+    /// What its agent said in its hello, and where it connected from (this node's agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_addr: Option<String>,
+}
+
+/// What the console's live view (`GET /api/v1/live`, a WebSocket) sends whenever it changes:
+/// the same lists as `GET /api/v1/sessions`, `/sessions/ended` and `/devices`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Overview {
+    pub sessions: Vec<SessionInfo>,
+    pub ended: Vec<SessionInfo>,
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// Every error body of the control API.

@@ -5,6 +5,7 @@ mod util;
 mod abuse;
 mod cluster;
 mod codec_differential;
+mod console;
 mod control_channels;
 mod e2e;
 mod hardening;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, SET_COOKIE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -23,11 +23,12 @@ use super::audit::Record;
 use super::ending::CloseReason;
 use super::handoff::{Cmd, ConnEnd, DataSocket, TlsStream};
 use super::keys::ReloadError;
+use super::logins::LoggedIn;
 use super::metrics::HandshakeFailure;
 use super::registry::{Caller, ClientConn, Forward, Refusal};
 use super::{channels, Relay};
 use crate::config::Role;
-use crate::proto::{ApiError, StartSession};
+use crate::proto::{ApiError, Launch, LoggedIn as LoggedInBody, Login, StartSession};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -145,6 +146,8 @@ fn credential_kind(path: &str) -> Option<&'static str> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     Some(match segments.as_slice() {
         ["healthz"] | ["metrics"] | ["api", "v1", "healthz"] | ["api", "v1", "metrics"] => return None,
+        ["api", "v1", "openapi.json"] => return None,
+        ["api", "v1", "launch"] => "launch_code",
         ["api", "v1", "agent"] | ["api", "v1", "agent", "spare"] => "device_key",
         ["api", "v1", "sessions", _, "control" | "client"] => "client_token",
         ["api", "v1", "sessions", _, "device"] => "device_token",
@@ -185,7 +188,10 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["healthz"] | ["api", "v1", "healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (&Method::GET, ["healthz"] | ["api", "v1", "healthz"]) => Response::builder()
+            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from_static(b"ok\n")))
+            .expect("static response parts"),
         (&Method::GET, ["metrics"] | ["api", "v1", "metrics"]) => {
             let (sessions, agents) = relay.registry.counts();
             let mut text = relay.metrics.render(sessions, agents);
@@ -214,74 +220,294 @@ async fn route(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> R
             let id = id.to_string();
             device_upgrade(req, relay, id).await.unwrap_or_else(|r| *r)
         }
+        (&Method::GET, ["api", "v1", "openapi.json"]) => Response::builder()
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(super::openapi::DOCUMENT.as_bytes())))
+            .expect("static response parts"),
+        (&Method::POST, ["api", "v1", "launch"]) => launch(req, relay, peer).await,
+        (&Method::POST, ["api", "v1", "login"]) => login(req, relay, peer).await,
         (_, ["api", "v1", ..]) => operator_api(req, relay, peer, &segments).await,
+        (&Method::GET, _) => match super::console::asset(&path) {
+            Some(page) => page,
+            None => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+        },
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
 
 async fn operator_api(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr, segs: &[&str]) -> Resp {
-    let Some((operator, role)) = bearer(&req).and_then(|t| relay.keys.operator(t)) else {
-        relay.metrics.handshake_failed(HandshakeFailure::BadToken);
-        return error(StatusCode::UNAUTHORIZED, "invalid credentials");
+    let anonymous = bearer(&req).is_none() && super::logins::cookie_of(req.headers()).is_none();
+    if anonymous && req.method() == Method::GET && segs[2..] == ["login"] {
+        // The console asks whether it is logged in; presenting nothing is not a failed login.
+        return no_content();
+    }
+    let who = match authenticate(&req, &relay) {
+        Ok(who) => who,
+        Err(refusal) => return *refusal,
     };
+    let (operator, role) = (who.operator.clone(), who.role);
     let caller = Caller { name: &operator, role };
     match (req.method().clone(), &segs[2..]) {
         (Method::POST, ["sessions"]) => {
             let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
-            // The body has the same deadline as the headers: a request that trickles in does
-            // not hold its handshake slot for longer.
-            let deadline = Duration::from_secs(relay.config.limits.handshake_timeout_secs);
-            let body = match tokio::time::timeout(deadline, Limited::new(req.into_body(), 64 << 10).collect()).await {
-                Ok(Ok(b)) => b.to_bytes(),
-                Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB"),
-                Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
-            };
-            let start: StartSession = match serde_json::from_slice(&body) {
+            // Authenticated (and, from the console, with its CSRF proof): any content type.
+            let start: StartSession = match json_body(req, &relay, false).await {
                 Ok(s) => s,
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid session request: {e}")),
+                Err(r) => return *r,
             };
             if relay.shutting_down() {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down");
             }
             match relay.registry.start_session(&operator, &peer.to_string(), start, &host).await {
-                Ok(started) => {
+                Ok(mut started) => {
                     tracing::info!(operator, session = started.id, "session started");
+                    started.launch_code = Some(relay.launch.issue(&started, &operator, std::time::Instant::now()));
                     json(StatusCode::CREATED, &started)
                 }
                 Err(r) => refused(&relay, r),
             }
         }
-        (Method::GET, ["sessions"]) => json(StatusCode::OK, &relay.registry.sessions(caller)),
+        (Method::GET, ["sessions"]) => json(StatusCode::OK, &relay.sessions_live(caller).await),
+        (Method::GET, ["sessions", "ended"]) => json(StatusCode::OK, &relay.registry.ended_sessions(caller)),
         (Method::GET, ["sessions", id]) => match relay.registry.session(caller, id) {
-            Some(info) => json(StatusCode::OK, &info),
+            Some(mut info) => {
+                if info.connections > 0 {
+                    if let Some((to_device, to_client)) = relay.live_bytes().await.get(info.id.as_str()) {
+                        info.bytes_to_device += to_device;
+                        info.bytes_to_client += to_client;
+                    }
+                }
+                json(StatusCode::OK, &info)
+            }
             None => error(StatusCode::NOT_FOUND, "no such session"),
         },
         (Method::DELETE, ["sessions", id]) => match relay.registry.close_session_as(caller, id).await {
-            Ok(true) => {
-                Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).expect("static response parts")
-            }
+            Ok(true) => no_content(),
             Ok(false) => error(StatusCode::NOT_FOUND, "no such session"),
             Err(r) => refused(&relay, r),
         },
         (Method::GET, ["devices"]) => json(StatusCode::OK, &relay.registry.devices()),
+        (Method::POST, ["devices", _, "disconnect"]) if role != Role::Admin => {
+            error(StatusCode::FORBIDDEN, "disconnecting an agent takes an admin operator")
+        }
+        (Method::POST, ["devices", device, "disconnect"]) => {
+            if !relay.keys.device_known(device) {
+                return error(StatusCode::NOT_FOUND, "no such device");
+            }
+            if !relay.registry.disconnect_agent(device, CloseReason::Kicked(operator.clone())) {
+                return error(StatusCode::CONFLICT, "the device's agent is not connected to this relay");
+            }
+            tracing::warn!(device, operator, "agent disconnected by an operator");
+            relay.audit.write(Record::AgentDisconnected { device, operator: &operator, addr: &peer.to_string() });
+            no_content()
+        }
+        (Method::GET, ["audit"]) => audit_search(&req, &relay, caller).await,
+        (Method::GET, ["login"]) => json(StatusCode::OK, &logged_in(&relay, &who)),
+        (Method::POST, ["logout"]) => {
+            if let Some(login) = &who.login {
+                relay.logins.end(&login.key);
+                relay.audit.write(Record::Logout { operator: &operator, addr: &peer.to_string() });
+            }
+            let mut resp = no_content();
+            let cookie = super::logins::clear_cookie(relay.tls.is_some());
+            resp.headers_mut().insert(SET_COOKIE, cookie.parse().expect("a valid header value"));
+            resp
+        }
+        (_, ["live"]) => live_upgrade(req, relay, who).await.unwrap_or_else(|r| *r),
         (Method::POST, ["reload"]) if role != Role::Admin => {
             error(StatusCode::FORBIDDEN, "reloading the configuration takes an admin operator")
         }
         (Method::POST, ["reload"]) => {
             tracing::info!(operator, "configuration reload requested through the API");
             let reloading = relay.clone();
-            match tokio::task::spawn_blocking(move || reloading.reload()).await {
+            let by = operator.clone();
+            match tokio::task::spawn_blocking(move || reloading.reload(&by)).await {
                 Ok(Ok(done)) => json(StatusCode::OK, &done),
                 Ok(Err(e @ ReloadError::NoFile)) => error(StatusCode::CONFLICT, e.to_string()),
                 Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("reload refused, nothing changed: {e}")),
                 Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed"),
             }
         }
-        (_, ["sessions"] | ["sessions", _] | ["devices"] | ["reload"]) => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
+        (_, ["sessions"] | ["sessions", _] | ["devices"] | ["devices", _, "disconnect"] | ["reload"] | ["audit"])
+        | (_, ["login"] | ["logout"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
+}
+
+fn no_content() -> Resp {
+    Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).expect("static response parts")
+}
+
+/// The operator behind a control API request: its bearer token, or its console login cookie.
+struct Who {
+    operator: String,
+    role: Role,
+    login: Option<LoggedIn>,
+}
+
+/// Who is calling, or the refusal: 401 for a missing or bad credential (a stale cookie too),
+/// 403 for a cookie request that changes state without its login's CSRF proof or that comes
+/// from another site's page.
+fn authenticate(req: &Request<Incoming>, relay: &Relay) -> Result<Who, Box<Resp>> {
+    let unauthorized = || {
+        relay.metrics.handshake_failed(HandshakeFailure::BadToken);
+        Box::new(error(StatusCode::UNAUTHORIZED, "invalid credentials"))
+    };
+    if let Some(token) = bearer(req) {
+        let (operator, role) = relay.keys.operator(token).ok_or_else(unauthorized)?;
+        return Ok(Who { operator, role, login: None });
+    }
+    let id = super::logins::cookie_of(req.headers()).ok_or_else(unauthorized)?;
+    let login = relay.logins.check(id, std::time::Instant::now()).ok_or_else(unauthorized)?;
+    let Some(role) = relay.keys.operator_named(&login.operator) else {
+        // Its operator left the configuration: so does the login.
+        relay.logins.end(&login.key);
+        return Err(unauthorized());
+    };
+    if !same_origin(req) {
+        return Err(Box::new(error(StatusCode::FORBIDDEN, "cross-site request refused")));
+    }
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD);
+    let proof = req.headers().get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !reads && !login.csrf_ok(proof) {
+        return Err(Box::new(error(StatusCode::FORBIDDEN, "missing or wrong CSRF proof (X-CSRF-Token header)")));
+    }
+    Ok(Who { operator: login.operator.clone(), role, login: Some(login) })
+}
+
+/// The header a console request that changes state carries its login's CSRF proof in.
+const CSRF_HEADER: &str = "x-csrf-token";
+
+/// Whether a request's `Origin` (when a browser sent one) is the relay's own address as the
+/// request names it: a page of another site may not use a console login, not even by
+/// WebSocket (which SameSite cookies and CSRF proofs do not cover).
+fn same_origin(req: &Request<Incoming>) -> bool {
+    let Some(origin) = req.headers().get(hyper::header::ORIGIN) else { return true };
+    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let authority = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, rest)| rest);
+    authority.is_some_and(|a| !host.is_empty() && a.eq_ignore_ascii_case(host))
+}
+
+fn logged_in(relay: &Relay, who: &Who) -> LoggedInBody {
+    LoggedInBody {
+        operator: who.operator.clone(),
+        role: role_name(who.role).into(),
+        csrf_token: who.login.as_ref().map(|l| l.csrf.clone()).unwrap_or_default(),
+        idle_timeout_secs: relay.logins.idle_timeout().as_secs(),
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Admin => "admin",
+        Role::Operator => "operator",
+    }
+}
+
+/// Reads a small JSON body (64 KiB at most), within the handshake deadline: a request that
+/// trickles in does not hold its handshake slot for longer. With `strict`, a body that does not
+/// say it is `application/json` is refused: browsers send forms cross-site without asking, but
+/// not JSON (the unauthenticated login and launch endpoints rely on it).
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    relay: &Relay,
+    strict: bool,
+) -> Result<T, Box<Resp>> {
+    let is_json =
+        !strict
+            || req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+                v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+    if !is_json {
+        return Err(Box::new(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the body must be application/json")));
+    }
+    let deadline = Duration::from_secs(relay.config.limits.handshake_timeout_secs);
+    let body = match tokio::time::timeout(deadline, Limited::new(req.into_body(), 64 << 10).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => return Err(Box::new(error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB"))),
+        Err(_) => return Err(Box::new(error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"))),
+    };
+    serde_json::from_slice(&body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"))))
+}
+
+/// `POST /api/v1/login`: an operator token for a console login (cookie) and its CSRF proof.
+async fn login(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
+    let body: Login = match json_body(req, &relay, true).await {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let Some((operator, role)) = relay.keys.operator(&body.token) else {
+        relay.metrics.handshake_failed(HandshakeFailure::BadToken);
+        return error(StatusCode::UNAUTHORIZED, "invalid credentials");
+    };
+    let (id, login) = relay.logins.create(&operator, std::time::Instant::now());
+    tracing::info!(operator, addr = %peer, "console login");
+    relay.audit.write(Record::Login { operator: &operator, addr: &peer.to_string() });
+    let who = Who { operator, role, login: Some(login) };
+    let mut resp = json(StatusCode::OK, &logged_in(&relay, &who));
+    let cookie = super::logins::set_cookie(&id, relay.tls.is_some());
+    resp.headers_mut().insert(SET_COOKIE, cookie.parse().expect("a valid header value"));
+    resp
+}
+
+/// `POST /api/v1/launch`: a launch code for its session's client credentials, once. A wrong,
+/// used or expired code, or one whose session has ended, is the same 401 as any bad credential.
+async fn launch(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
+    let body: Launch = match json_body(req, &relay, true).await {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let anyone = Caller { name: "", role: Role::Admin };
+    let redeemed = relay.launch.redeem(&body.code, std::time::Instant::now());
+    let live = redeemed.and_then(|r| relay.registry.session(anyone, &r.started.id).map(|s| (r, s)));
+    let Some((r, session)) = live else {
+        relay.metrics.handshake_failed(HandshakeFailure::BadToken);
+        return error(StatusCode::UNAUTHORIZED, "invalid credentials");
+    };
+    tracing::info!(session = r.started.id, operator = r.operator, addr = %peer, "launch code redeemed");
+    let (id, addr) = (&r.started.id, &peer.to_string());
+    relay.audit.write(Record::LaunchRedeemed { session: id, operator: &r.operator, device: &session.device, addr });
+    json(StatusCode::OK, &r.started)
+}
+
+/// `GET /api/v1/audit`: the audit log filtered, as JSON lines. An operator sees only records
+/// naming it; an admin any.
+async fn audit_search(req: &Request<Incoming>, relay: &Arc<Relay>, caller: Caller<'_>) -> Resp {
+    if !relay.audit.enabled() {
+        return error(StatusCode::CONFLICT, "this relay keeps no audit log ([audit] path)");
+    }
+    let mut filter = match super::audit::Filter::parse(req.uri().query().unwrap_or("")) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, crate::proto::printable(&e, 200)),
+    };
+    if caller.role != Role::Admin {
+        if filter.operator.as_deref().is_some_and(|o| o != caller.name) {
+            return error(StatusCode::FORBIDDEN, "an operator sees only its own audit records");
+        }
+        filter.operator = Some(caller.name.to_string());
+    }
+    let searching = relay.clone();
+    match tokio::task::spawn_blocking(move || searching.audit.search(&filter)).await {
+        Ok(Ok(lines)) => Response::builder()
+            .header(CONTENT_TYPE, "application/x-ndjson")
+            .body(Full::new(Bytes::from(lines)))
+            .expect("static response parts"),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the audit log: {e}")),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "reading the audit log failed"),
+    }
+}
+
+/// `GET /api/v1/live`: the console's live view, a WebSocket ([`super::console::live`]).
+async fn live_upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, who: Who) -> Upgrade {
+    let (resp, fut) = upgrade(&relay, &mut req)?;
+    let watcher = super::console::Watcher { operator: who.operator, role: who.role, login: who.login.map(|l| l.key) };
+    tokio::task::spawn_local(async move {
+        if let Ok(ws) = fut.await {
+            super::console::live(ws, relay, watcher).await;
+        }
+    });
+    Ok(resp)
 }
 
 /// An upgrade handler's answer: the `101`, or a refusal returned early with `?` (boxed: a

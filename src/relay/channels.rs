@@ -106,12 +106,12 @@ fn drop_peer(relay: &Relay, what: &str, why: impl std::fmt::Display) {
 pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) {
     let mut ch = open(ws, &relay);
     let who = format!("agent of device {device} at {addr}");
-    let Some(services) = hello(&mut ch, &relay, &who).await else { return };
+    let Some((services, version)) = hello(&mut ch, &relay, &who).await else { return };
 
     let (to_agent, mut from_relay) = mpsc::channel::<ToAgent>(AGENT_QUEUE);
     let (probe_tx, mut probes) = mpsc::channel::<oneshot::Sender<()>>(8);
     let (close_tx, mut closes) = mpsc::channel::<CloseReason>(1);
-    let link = AgentLink { tx: to_agent, probe: probe_tx, close: close_tx, addr };
+    let link = AgentLink { tx: to_agent, probe: probe_tx, close: close_tx, addr, version };
     let generation = loop {
         match relay.registry.agent_claim(&device, &services, &link).await {
             Claim::Granted(g) => break g,
@@ -195,8 +195,9 @@ pub async fn agent(ws: Ws, device: String, addr: SocketAddr, relay: Arc<Relay>) 
     relay.registry.agent_down(&device, generation);
 }
 
-/// Waits for the agent's hello; closes the channel with 1002 and returns `None` on anything else.
-async fn hello(ch: &mut Channel, relay: &Relay, who: &str) -> Option<Vec<String>> {
+/// Waits for the agent's hello (its services, and its version escaped and bounded); closes the
+/// channel with 1002 and returns `None` on anything else.
+async fn hello(ch: &mut Channel, relay: &Relay, who: &str) -> Option<(Vec<String>, String)> {
     let first = tokio::time::timeout(HELLO_WITHIN, async {
         loop {
             match ch.rx.recv().await {
@@ -211,12 +212,12 @@ async fn hello(ch: &mut Channel, relay: &Relay, who: &str) -> Option<Vec<String>
     };
     match first {
         Ok(Some(Incoming::Text(t))) => match serde_json::from_str::<FromAgent>(&t) {
-            Ok(FromAgent::Hello { services, .. }) => {
+            Ok(FromAgent::Hello { services, version }) => {
                 if services.len() > MAX_SERVICES || !services.iter().all(|s| valid_service_name(s)) {
                     refuse(ch, "invalid service names (use up to 64 of letters, digits, '-', '_', '.')");
                     return None;
                 }
-                Some(services)
+                Some((services, crate::proto::printable(&version, 40)))
             }
             _ => {
                 refuse(ch, "expected a hello message");

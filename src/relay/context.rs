@@ -13,12 +13,15 @@ use super::admission::Admission;
 use super::audit::{Audit, Record};
 use super::cluster::ClusterRegistry;
 use super::ending::CloseReason;
-use super::handoff::Workers;
+use super::handoff::{Cmd, Workers};
 use super::keys::{Keys, ReloadError, Reloaded};
+use super::launch::LaunchCodes;
+use super::logins::Logins;
 use super::metrics::Metrics;
 use super::registry::memory::MemoryRegistry;
 use super::registry::{Refusal, Registry, SystemClock};
 use crate::config::Config;
+use crate::proto::Overview;
 
 /// The relay's shared context. See the module doc.
 pub struct Relay {
@@ -39,6 +42,13 @@ pub struct Relay {
     pub registry: Arc<dyn Registry>,
     /// Where upgraded data sockets go.
     pub workers: Workers,
+    /// One-time launch codes waiting to be redeemed.
+    pub launch: LaunchCodes,
+    /// Console logins.
+    pub logins: Logins,
+    /// What the console's live views show, refreshed about once a second while one watches
+    /// ([`super::console::feed`]).
+    pub overview: watch::Sender<Arc<Overview>>,
 }
 
 impl Relay {
@@ -70,6 +80,9 @@ impl Relay {
             Duration::from_millis(config.limits.auth_failure_delay_ms),
         );
         Ok(Relay {
+            launch: LaunchCodes::new(config.limits.max_sessions),
+            logins: Logins::new(Duration::from_secs(config.limits.login_idle_timeout_secs), config.limits.max_logins),
+            overview: watch::Sender::new(Arc::default()),
             handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
             config,
             keys,
@@ -81,6 +94,45 @@ impl Relay {
             registry,
             workers,
         })
+    }
+
+    /// Per session, the bytes its running tunnels forwarded so far, gathered from every worker
+    /// (the registry counts a connection's bytes when it ends). A worker that does not answer
+    /// within a second is left out.
+    pub async fn live_bytes(&self) -> std::collections::HashMap<Arc<str>, (u64, u64)> {
+        let asked: Vec<_> = (0..self.workers.count())
+            .map(|w| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.workers.send(w, Cmd::Tally(tx));
+                rx
+            })
+            .collect();
+        let mut live = std::collections::HashMap::new();
+        for rx in asked {
+            if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(1), rx).await {
+                for (session, to_device, to_client) in rows {
+                    let sum = live.entry(session).or_insert((0, 0));
+                    *sum = (sum.0 + to_device, sum.1 + to_client);
+                }
+            }
+        }
+        live
+    }
+
+    /// The sessions `caller` may see with their live byte counts (ended connections' bytes
+    /// plus what the running ones forwarded so far).
+    pub async fn sessions_live(&self, caller: super::registry::Caller<'_>) -> Vec<crate::proto::SessionInfo> {
+        let mut sessions = self.registry.sessions(caller);
+        if sessions.iter().any(|s| s.connections > 0) {
+            let live = self.live_bytes().await;
+            for s in &mut sessions {
+                if let Some((to_device, to_client)) = live.get(s.id.as_str()) {
+                    s.bytes_to_device += to_device;
+                    s.bytes_to_client += to_client;
+                }
+            }
+        }
+        sessions
     }
 
     pub fn shutting_down(&self) -> bool {
@@ -98,9 +150,12 @@ impl Relay {
 
     /// Reads the config file again (SIGHUP, `POST /api/v1/reload`): new credentials and
     /// certificate take effect, agents of revoked devices are disconnected; a file that fails
-    /// is refused and the running configuration stays. Logged either way.
-    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
-        match self.keys.reload() {
+    /// is refused and the running configuration stays. Logged and audited either way, with who
+    /// asked (`by`: an operator's name, or `SIGHUP`).
+    pub fn reload(&self, by: &str) -> Result<Reloaded, ReloadError> {
+        let result = self.keys.reload();
+        self.audit.write(Record::ConfigReload { by, ok: result.is_ok() });
+        match result {
             Ok(done) => {
                 for device in &done.revoked {
                     if self.registry.disconnect_agent(device, CloseReason::Revoked) {

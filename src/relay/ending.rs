@@ -99,6 +99,8 @@ pub enum CloseReason {
     /// Agent control connection only: the device was removed from the config or given a new
     /// key (a reload).
     Revoked,
+    /// Agent control connection only: an operator (named) disconnected it; it may reconnect.
+    Kicked(String),
 }
 
 impl CloseReason {
@@ -110,7 +112,8 @@ impl CloseReason {
             | CloseReason::Idle(_)
             | CloseReason::ClientGone
             | CloseReason::Shutdown
-            | CloseReason::Moving(_) => CloseCode::GOING_AWAY,
+            | CloseReason::Moving(_)
+            | CloseReason::Kicked(_) => CloseCode::GOING_AWAY,
             CloseReason::Unavailable(_) => CloseCode::TRY_AGAIN_LATER,
             CloseReason::Violation(_, e) => e.close_code(),
             CloseReason::NotAwaited | CloseReason::Revoked => CloseCode::POLICY_VIOLATION,
@@ -171,6 +174,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Unavailable(why) => write!(f, "try again later: {why}"),
             CloseReason::Moving(why) => write!(f, "reconnect to another node: {why}"),
             CloseReason::Revoked => f.write_str("the device's key was revoked (the relay's configuration changed)"),
+            CloseReason::Kicked(operator) => write!(f, "disconnected by operator {operator}"),
         }
     }
 }
@@ -544,6 +548,7 @@ mod tests {
             CloseReason::Unavailable(String::new()),
             CloseReason::Moving(String::new()),
             CloseReason::Revoked,
+            CloseReason::Kicked(String::new()),
         ];
         let mut used: std::collections::BTreeSet<u16> = reasons.iter().map(|r| r.code().0).collect();
         // The control channels' own: a binary message (crate::channel).

@@ -35,7 +35,13 @@ pub enum Cmd {
     /// The agent of `conn`'s device left its control connection (`Some(device)`: if the device
     /// side drops now, the client hears 4004) or came back (`None`).
     AgentLink { conn: u64, down: Option<String> },
+    /// Report the bytes each session's running tunnels have forwarded so far (the API's live
+    /// figures; asked on demand, never per frame).
+    Tally(tokio::sync::oneshot::Sender<Tally>),
 }
+
+/// Per session: bytes its running tunnels forwarded so far (to the device, to the client).
+pub type Tally = Vec<(Arc<str>, u64, u64)>;
 
 /// The workers' inboxes. Unbounded: the control plane sends at most a few orders per
 /// connection it admitted, and a worker never waits on the control plane.
@@ -52,6 +58,10 @@ impl Workers {
     /// The worker that owns connection `conn` (both of its sockets).
     pub fn of(&self, conn: u64) -> usize {
         (conn % self.0.len() as u64) as usize
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.len()
     }
 
     pub fn send(&self, worker: usize, cmd: Cmd) {

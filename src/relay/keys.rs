@@ -123,6 +123,11 @@ impl Keys {
         self.config().operator(token).map(|o| (o.name.clone(), o.role))
     }
 
+    /// The role of the operator named `name`, if it is configured.
+    pub fn operator_named(&self, name: &str) -> Option<Role> {
+        self.config().operator.iter().find(|o| o.name == name).map(|o| o.role)
+    }
+
     /// Every configured device's id.
     pub fn device_ids(&self) -> Vec<String> {
         self.config().device.iter().map(|d| d.id.clone()).collect()

@@ -12,6 +12,9 @@
 //!   keeps this node's share in the in-memory registry.
 //! - `registry`: agents, sessions and connections behind the [`registry::Registry`] trait; the
 //!   in-memory implementation is the default.
+//! - `console`: the operator console's embedded page and its live view (a WebSocket fed by
+//!   one refresh a second while someone watches). `launch` (one-time launch codes) and `logins`
+//!   (console logins behind a cookie, with their CSRF proofs): leaves the API uses.
 //! - `admission` (handshake shares, failed-login gate), `audit` (the JSON-lines log),
 //!   `metrics` (counters, Prometheus text), `keys` (credentials and certificate, reloadable).
 //! - `dataplane`: workers, tunnel tables, buffer pools, forwarding (io_uring or epoll). Knows
@@ -24,12 +27,16 @@ pub(crate) mod api;
 mod audit;
 pub(crate) mod channels;
 pub mod cluster;
+pub(crate) mod console;
 pub mod context;
 pub mod dataplane;
 pub mod ending;
 pub mod handoff;
 pub mod keys;
+mod launch;
+mod logins;
 pub mod metrics;
+mod openapi;
 pub mod registry;
 pub mod server;
 

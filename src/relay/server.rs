@@ -140,6 +140,12 @@ pub fn serve(
             }
         })?);
     }
+    let (watched, halted_feed) = (relay.clone(), halted.clone());
+    threads.push(std::thread::Builder::new().name("ringway-console".into()).spawn(move || {
+        if let Err(e) = super::console::feed(watched, halted_feed) {
+            tracing::error!("the console's live feed failed to start: {e}");
+        }
+    })?);
     let reaper = relay.clone();
     let halted = halted.clone();
     threads.push(std::thread::Builder::new().name("ringway-reaper".into()).spawn(move || {

@@ -671,6 +671,10 @@ impl Inner {
             bytes_to_client: live.map_or(r.bytes_to_client, |s| s.bytes_to_client),
             node: Some(r.node.clone()),
             client_url: Some(self.client_url_at(&r.node, id)),
+            client_addrs: live.map(|s| s.client_addrs.clone()).unwrap_or_default(),
+            ended_at: None,
+            close_code: None,
+            close_reason: None,
         }
     }
 
@@ -739,6 +743,7 @@ impl Registry for ClusterRegistry {
                 id: id.to_string(),
                 client_token: token.expose().to_string(),
                 expires_at,
+                launch_code: None,
             })
         })
     }
@@ -755,6 +760,10 @@ impl Registry for ClusterRegistry {
             .collect();
         v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         v
+    }
+
+    fn ended_sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
+        self.inner.local.ended_sessions(caller)
     }
 
     fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo> {
@@ -797,18 +806,24 @@ impl Registry for ClusterRegistry {
 
     fn devices(&self) -> Vec<DeviceInfo> {
         let inner = &self.inner;
+        // What this node itself remembers of each device's agent (version, address, last seen).
+        let here: HashMap<String, DeviceInfo> = inner.local.devices().into_iter().map(|d| (d.id.clone(), d)).collect();
         inner
             .local
             .device_ids()
             .into_iter()
             .map(|id| {
                 let record = inner.mirror.device(&id).map(|(r, _)| r).filter(|r| inner.mirror.alive(&r.node));
+                let local = here.get(&id);
                 DeviceInfo {
                     online: inner.device_online(&id),
-                    id,
                     services: record.as_ref().map(|r| r.services.clone()).unwrap_or_default(),
                     connected_since: record.as_ref().map(|r| r.since),
                     node: record.map(|r| r.node),
+                    last_seen: local.and_then(|d| d.last_seen),
+                    agent_version: local.and_then(|d| d.agent_version.clone()),
+                    agent_addr: local.and_then(|d| d.agent_addr.clone()),
+                    id,
                 }
             })
             .collect()

@@ -338,6 +338,9 @@ async fn worker_loop<B: Backend>(pool: Rc<B::Pool>, mut rx: mpsc::UnboundedRecei
                     env.ends.conn_ended(&session, conn, end);
                 });
             }
+            Cmd::Tally(reply) => {
+                let _ = reply.send(table.borrow().tally());
+            }
             Cmd::AgentLink { conn, down } => {
                 if let Some(Entry::Active(ctl)) = table.borrow().get(conn) {
                     ctl.agent_link(down);

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use super::Env;
 use crate::relay::ending::{CloseReason, Ending, Goodbye, PumpEnd, Side};
-use crate::relay::handoff::ConnEnd;
+use crate::relay::handoff::{ConnEnd, Tally};
 use crate::ws::{Event, Forwarder, HEADROOM};
 
 /// A buffer pool that hands buffers out first come, first served.
@@ -100,11 +100,23 @@ pub(crate) struct TunnelCtl {
     wake: Notify,
     /// Decides what each side hears when the tunnel ends, and why it ended.
     ending: RefCell<Ending>,
+    /// What moved so far (the pumps count; a tally reads it).
+    moved: Moved,
 }
 
 impl TunnelCtl {
     pub(crate) fn new() -> TunnelCtl {
-        TunnelCtl { stopping: Cell::new(false), wake: Notify::new(), ending: RefCell::new(Ending::default()) }
+        TunnelCtl {
+            stopping: Cell::new(false),
+            wake: Notify::new(),
+            ending: RefCell::new(Ending::default()),
+            moved: Moved::new(),
+        }
+    }
+
+    /// Bytes forwarded so far: (to the device, to the client).
+    pub(crate) fn bytes(&self) -> (u64, u64) {
+        (self.moved.bytes[0].get(), self.moved.bytes[1].get())
     }
 
     /// The device's agent left its control connection (`Some(device)`) or came back (`None`).
@@ -405,11 +417,11 @@ pub(crate) async fn run_tunnel<I: Io, P: Pool<Buf = I::Buf>>(
     ctl: &TunnelCtl,
     env: &Env,
 ) -> ConnEnd {
-    let moved = Moved::new();
-    let leg = |dir, src, dst| Leg { dir, src, dst, pool, ctl, env, moved: &moved };
+    let moved = &ctl.moved;
+    let leg = |dir, src, dst| Leg { dir, src, dst, pool, ctl, env, moved };
     let to_device = pump(leg(Dir::ToDevice, &client, &device), client_leftover);
     let to_client = pump(leg(Dir::ToClient, &device, &client), device_leftover);
-    let idle = idle_watch(&moved, ctl, env.limits.idle_timeout);
+    let idle = idle_watch(moved, ctl, env.limits.idle_timeout);
     tokio::pin!(to_device, to_client, idle);
     let (first_dir, first) = tokio::select! {
         end = &mut to_device => (Dir::ToDevice, end),
@@ -504,5 +516,19 @@ impl<I> Table<I> {
 
     pub(crate) fn get(&self, conn: u64) -> Option<&Entry<I>> {
         self.entries.get(&conn).map(|(_, e)| e)
+    }
+
+    /// Bytes forwarded so far by each session's running tunnels on this worker.
+    pub(crate) fn tally(&self) -> Tally {
+        let mut out = Tally::new();
+        for (session, entry) in self.entries.values() {
+            let Entry::Active(ctl) = entry else { continue };
+            let (to_device, to_client) = ctl.bytes();
+            match out.iter_mut().find(|(s, ..)| s == session) {
+                Some(row) => (row.1, row.2) = (row.1 + to_device, row.2 + to_client),
+                None => out.push((session.clone(), to_device, to_client)),
+            }
+        }
+        out
     }
 }

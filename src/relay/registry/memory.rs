@@ -45,7 +45,12 @@ struct Session {
     bytes_to_client: u64,
     /// Ready client connections waiting for their first byte.
     ready: usize,
+    /// Where its client connections came from (distinct, at most [`MAX_CLIENT_ADDRS`]).
+    client_addrs: Vec<String>,
 }
+
+/// Client addresses one session remembers.
+const MAX_CLIENT_ADDRS: usize = 8;
 
 /// Ready client connections one session may keep waiting.
 pub const MAX_READY: usize = 8;
@@ -77,6 +82,7 @@ impl Session {
             bytes_to_device: 0,
             bytes_to_client: 0,
             ready: 0,
+            client_addrs: Vec::new(),
         }
     }
 }
@@ -112,6 +118,14 @@ struct Agent {
     spares: Vec<Spare>,
 }
 
+/// What is remembered of a device's last agent here, for the console: when it was last
+/// connected, its version and address.
+struct Seen {
+    at: u64,
+    version: String,
+    addr: SocketAddr,
+}
+
 /// What asks an agent to dial the service and the device endpoint for connection `conn`.
 fn connect_request(session: &str, service: &str, device_token: &Secret, conn: u64) -> ToAgent {
     ToAgent::Connect {
@@ -128,6 +142,10 @@ struct Tables {
     agents: HashMap<String, Agent>,
     /// Sessions that ended (not by shutdown) since the cluster registry last asked.
     ended: Vec<Arc<str>>,
+    /// The last `limits.recent_sessions` ended sessions, newest last.
+    recent: std::collections::VecDeque<SessionInfo>,
+    /// Per configured device: its agent's last connection here (bounded by the device keys).
+    seen: HashMap<String, Seen>,
     /// Connections still running for sessions that moved to another cluster node: their
     /// owning worker, so that a shutdown still closes them.
     adrift: HashMap<u64, usize>,
@@ -150,6 +168,7 @@ pub struct SessionStats {
     pub bytes_to_device: u64,
     pub bytes_to_client: u64,
     pub client_connected: bool,
+    pub client_addrs: Vec<String>,
 }
 
 /// The in-memory [`Registry`].
@@ -215,6 +234,10 @@ impl MemoryRegistry {
             bytes_to_client: s.bytes_to_client,
             node: None,
             client_url: None,
+            client_addrs: s.client_addrs.clone(),
+            ended_at: None,
+            close_code: None,
+            close_reason: None,
         }
     }
 
@@ -234,6 +257,8 @@ impl MemoryRegistry {
             spares: Vec::new(),
         };
         let known = t.agents.insert(device.to_string(), agent).is_some();
+        let seen = Seen { at: self.clock.unix(), version: link.version.clone(), addr: link.addr };
+        t.seen.insert(device.to_string(), seen);
         for s in t.sessions.values_mut().filter(|s| s.device == device) {
             if !known {
                 if let Some((_, tx)) = &s.control {
@@ -338,6 +363,7 @@ impl MemoryRegistry {
             id: id.to_string(),
             client_token: client_token.expose().to_string(),
             expires_at,
+            launch_code: None,
         })
     }
 
@@ -446,6 +472,11 @@ impl MemoryRegistry {
         v
     }
 
+    pub fn ended_sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
+        let t = self.tables();
+        t.recent.iter().rev().filter(|s| caller.may_see(&s.operator)).cloned().collect()
+    }
+
     pub fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo> {
         let t = self.tables();
         t.sessions.get(id).filter(|s| caller.may_see(&s.operator)).map(|s| MemoryRegistry::info(&t, s))
@@ -459,17 +490,32 @@ impl MemoryRegistry {
     }
 
     pub fn close_session(&self, id: &str, reason: CloseReason) -> bool {
+        let (code, text) = (reason.code(), reason.to_string());
         let Some(s) = ({
             let mut t = self.tables();
             let s = t.sessions.remove(id);
-            if s.is_some() && reason != CloseReason::Shutdown {
-                t.ended.push(id.into());
+            if let Some(s) = &s {
+                if reason != CloseReason::Shutdown {
+                    t.ended.push(id.into());
+                }
+                let info = SessionInfo {
+                    ended_at: Some(self.clock.unix()),
+                    close_code: Some(code.0),
+                    close_reason: Some(text.clone()),
+                    device_online: false,
+                    client_connected: false,
+                    connections: 0,
+                    ..MemoryRegistry::info(&t, s)
+                };
+                t.recent.push_back(info);
+                while t.recent.len() > self.config.limits.recent_sessions {
+                    t.recent.pop_front();
+                }
             }
             s
         }) else {
             return false;
         };
-        let (code, text) = (reason.code(), reason.to_string());
         self.metrics.sessions_ended.fetch_add(1, Relaxed);
         tracing::info!(session = %s.id, device = %s.device, service = %s.service, code = code.0, reason = text, "session ended");
         self.audit.write(Record::SessionEnd {
@@ -513,12 +559,17 @@ impl MemoryRegistry {
         ids.into_iter()
             .map(|id| {
                 let agent = t.agents.get(&id);
+                let online = agent.is_some_and(|a| a.link.is_some());
+                let seen = t.seen.get(&id);
                 DeviceInfo {
-                    id,
-                    online: agent.is_some_and(|a| a.link.is_some()),
+                    online,
                     services: agent.map(|a| a.services.clone()).unwrap_or_default(),
                     connected_since: agent.map(|a| a.since),
                     node: None,
+                    last_seen: if online { Some(self.clock.unix()) } else { seen.map(|s| s.at) },
+                    agent_version: seen.map(|s| s.version.clone()),
+                    agent_addr: seen.map(|s| s.addr.to_string()),
+                    id,
                 }
             })
             .collect()
@@ -565,6 +616,10 @@ impl MemoryRegistry {
         let conn = self.next_id();
         let worker = self.workers.of(conn);
         s.attached = true;
+        let ip = client_addr.ip().to_string();
+        if s.client_addrs.len() < MAX_CLIENT_ADDRS && !s.client_addrs.contains(&ip) {
+            s.client_addrs.push(ip);
+        }
         let opened = self.clock.now();
         s.conns.insert(conn, ConnMeta { worker, client_addr: client_addr.to_string(), opened, announced: false });
         self.metrics.connections_opened.fetch_add(1, Relaxed);
@@ -657,6 +712,11 @@ impl MemoryRegistry {
         };
         agent.link = None;
         agent.down_since = Some(self.clock.now());
+        let now = self.clock.unix();
+        if let Some(seen) = t.seen.get_mut(device) {
+            seen.at = now;
+        }
+        let Some(agent) = t.agents.get_mut(device) else { return };
         // Its parked spares go with it (their waiting tasks see the order can never come).
         agent.spares.clear();
         let grace = self.config.limits.agent_grace_secs;
@@ -805,6 +865,7 @@ impl MemoryRegistry {
                 bytes_to_device: s.bytes_to_device,
                 bytes_to_client: s.bytes_to_client,
                 client_connected: s.control.is_some(),
+                client_addrs: s.client_addrs.clone(),
             })
             .collect()
     }
@@ -850,6 +911,10 @@ impl Registry for MemoryRegistry {
 
     fn sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
         self.sessions(caller)
+    }
+
+    fn ended_sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo> {
+        self.ended_sessions(caller)
     }
 
     fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo> {
@@ -1047,7 +1112,8 @@ agent_grace_secs = 10
         let (tx, to_agent) = mpsc::channel(16);
         let (probe, _probes) = mpsc::channel(1);
         let (close, _closes) = mpsc::channel(1);
-        FakeAgent { link: AgentLink { tx, probe, close, addr: ADDR.parse().unwrap() }, to_agent, _probes, _closes }
+        let link = AgentLink { tx, probe, close, addr: ADDR.parse().unwrap(), version: "test".into() };
+        FakeAgent { link, to_agent, _probes, _closes }
     }
 
     fn claim(w: &World, device: &str, a: &FakeAgent) -> u64 {

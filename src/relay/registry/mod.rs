@@ -73,6 +73,8 @@ pub struct AgentLink {
     /// or drains).
     pub close: mpsc::Sender<CloseReason>,
     pub addr: SocketAddr,
+    /// The version its hello named.
+    pub version: String,
 }
 
 /// The answer to an agent that wants its device.
@@ -151,6 +153,9 @@ pub trait Registry: ConnEnds {
     ) -> Pending<'a, Result<SessionStarted, Refusal>>;
     /// The sessions `caller` may see, oldest first.
     fn sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo>;
+    /// The sessions that ended on this node that `caller` may see, newest first (the last
+    /// `limits.recent_sessions`; older ones are in the audit log).
+    fn ended_sessions(&self, caller: Caller<'_>) -> Vec<SessionInfo>;
     /// One session, if `caller` may see it (another operator's looks like no session at all).
     fn session(&self, caller: Caller<'_>, id: &str) -> Option<SessionInfo>;
     /// Ends a session on an operator's request (4003): only its own, unless it is an admin.
