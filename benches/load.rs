@@ -590,6 +590,9 @@ async fn run(opts: Opts) {
     if scenario("density") {
         run_density(&relays, &opts, secs).await;
     }
+    if scenario("console") {
+        console_cost(&opts, secs, busy).await;
+    }
     if scenario("churn") {
         let n = if opts.quick { 200 } else { 2_000 };
         println!("\nsession churn: start session + pair a connection + first byte, {n} times");
@@ -601,7 +604,145 @@ async fn run(opts: Opts) {
     }
 }
 
-/// Whether `RINGWAY_BENCH_ONLY` (a comma-separated list of bulk, busy, rtt, density, churn)
+/// Console live views (`GET /api/v1/live`) kept open on a relay, each on a thread of its own
+/// that reads every update as a browser tab would; all logged in with the operator token.
+struct Pages {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    updates: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pages {
+    /// Opens `n` live views and waits until each has its first update.
+    fn open(addr: SocketAddr, n: usize) -> Pages {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let updates = Arc::new(AtomicU64::new(0));
+        let opened = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        if n > 0 {
+            let body = format!(r#"{{"token":"{OPERATOR_TOKEN}"}}"#);
+            let json = [("Content-Type", "application/json")];
+            let (status, head, _) = http_with(addr, "POST", "/api/v1/login", &json, Some(&body));
+            assert_eq!(status, 200, "console login");
+            let cookie = header(&head, "set-cookie").unwrap().split(';').next().unwrap().to_string();
+            for _ in 0..n {
+                let (cookie, stop, updates, opened) = (cookie.clone(), stop.clone(), updates.clone(), opened.clone());
+                threads.push(std::thread::spawn(move || {
+                    let mut req =
+                        tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/api/v1/live"))
+                            .unwrap();
+                    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+                    let tcp = std::net::TcpStream::connect(addr).unwrap();
+                    tcp.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                    let (mut ws, _) = tungstenite::client(req, tcp).map_err(|e| e.to_string()).expect("a live view");
+                    let mut first = true;
+                    while !stop.load(Relaxed) {
+                        match ws.read() {
+                            Ok(tungstenite::Message::Text(_)) => {
+                                if std::mem::take(&mut first) {
+                                    opened.fetch_add(1, Relaxed);
+                                } else {
+                                    updates.fetch_add(1, Relaxed);
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(tungstenite::Error::Io(e))
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(e) => panic!("a live view ended: {e}"),
+                        }
+                    }
+                }));
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while opened.load(Relaxed) < n as u64 {
+                assert!(Instant::now() < deadline, "the live views did not all open");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Pages { stop, updates, threads }
+    }
+
+    /// Closes them; the updates they received after their first.
+    fn close(self) -> u64 {
+        self.stop.store(true, Relaxed);
+        for t in self.threads {
+            t.join().expect("a live view thread");
+        }
+        self.updates.load(Relaxed)
+    }
+}
+
+/// What the console costs the relay: the bulk and busy figures with 100 live views open and
+/// without, alternating in the same run; then the relay's CPU with one tunnel trickling (its
+/// bytes change every second, so every view gets an update a second) with 100 views and without.
+async fn console_cost(opts: &Opts, secs: f64, busy: usize) {
+    const VIEWS: usize = 100;
+    println!("\nconsole: {VIEWS} live views open or none, epoll relay (1 worker), alternating");
+    println!(
+        "{:<7} {:>14} {:>13} {:>16} {:>17} {:>18}",
+        "views",
+        "1 tunnel GB/s",
+        "CPU s per GB",
+        &format!("{busy} busy GB/s"),
+        "slowest/fastest",
+        "updates/view/s"
+    );
+    for views in [0, VIEWS, 0, VIEWS] {
+        let mut rig = Rig::new(RELAYS[0]).await;
+        let pages = Pages::open(rig.relay.as_ref().unwrap().addr, views);
+        let t0 = Instant::now();
+        let one = bulk(&mut rig, 1, 64 << 10, secs, opts).await;
+        let many = bulk(&mut rig, busy, 16 << 10, secs * 2.0, opts).await;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let rate = if views == 0 { 0.0 } else { pages.close() as f64 / views as f64 / elapsed };
+        println!(
+            "{:<7} {:>14.2} {:>13.2} {:>16.2} {:>17.3} {:>18.2}",
+            views, one.gbps, one.cpu_per_gb, many.gbps, many.slowest_over_fastest, rate
+        );
+    }
+
+    let measure = if opts.quick { 3.0 } else { 20.0 };
+    println!("\nconsole: relay CPU, one tunnel trickling 1 KiB every 50 ms, {measure} s each, alternating");
+    println!("{:<7} {:>16} {:>18}", "views", "relay % of a core", "updates/view/s");
+    for views in [0, VIEWS, 0, VIEWS] {
+        let mut rig = Rig::new(RELAYS[0]).await;
+        let (client, mut device) = rig.pair().await;
+        let (masked, _) = frames(1 << 10, 1);
+        let stop = Arc::new(AtomicU64::new(0));
+        let trickle = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut client = client;
+                while stop.load(Relaxed) == 0 {
+                    if client.write_all(&masked).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let drain = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            while matches!(device.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let pages = Pages::open(rig.relay.as_ref().unwrap().addr, views);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (cpu0, t0) = (rig.cpu_secs(), Instant::now());
+        tokio::time::sleep(Duration::from_secs_f64(measure)).await;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let pct = (rig.cpu_secs() - cpu0) / elapsed * 100.0;
+        let rate = if views == 0 { 0.0 } else { pages.close() as f64 / views as f64 / (elapsed + 1.0) };
+        stop.store(1, Relaxed);
+        let _ = trickle.await;
+        drain.abort();
+        println!("{:<7} {:>16.2} {:>18.2}", views, pct, rate);
+    }
+}
+
+/// Whether `RINGWAY_BENCH_ONLY` (a comma-separated list of bulk, busy, rtt, density, console, churn)
 /// selects this scenario; all run when it is unset.
 fn scenario(name: &str) -> bool {
     std::env::var("RINGWAY_BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == name))

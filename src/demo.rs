@@ -82,6 +82,11 @@ pub async fn run(backend: Option<BackendKind>) -> anyhow::Result<()> {
         mib / secs
     );
     println!("try: curl http://{local}/        (Ctrl-C to stop)");
+    println!(
+        "console: http://{}/  (log in with the demo's operator token {}; it changes every run)",
+        running.addr,
+        operator_token.expose()
+    );
     let _ = serving.await;
     session.close().await;
     Ok(())
