@@ -93,6 +93,7 @@ pub fn new_session_id() -> Arc<str> {
 }
 
 /// A live data connection as the session table knows it.
+#[derive(Clone)]
 struct ConnMeta {
     /// The worker that owns both of its sockets.
     worker: usize,
@@ -116,6 +117,14 @@ struct Agent {
     down_since: Option<Instant>,
     /// Spare device connections parked by the linked agent, newest last.
     spares: Vec<Spare>,
+}
+
+/// A connection of an ended session, until it ends too.
+struct Closing {
+    operator: String,
+    device: String,
+    service: String,
+    meta: ConnMeta,
 }
 
 /// What is remembered of a device's last agent here, for the console: when it was last
@@ -146,6 +155,9 @@ struct Tables {
     recent: std::collections::VecDeque<SessionInfo>,
     /// Per configured device: its agent's last connection here (bounded by the device keys).
     seen: HashMap<String, Seen>,
+    /// Connections still running for sessions that ended, until their worker reports their end:
+    /// it is audited and counted in the ended session's entry in `recent`.
+    closing: HashMap<u64, Closing>,
     /// Connections still running for sessions that moved to another cluster node: their
     /// owning worker, so that a shutdown still closes them.
     adrift: HashMap<u64, usize>,
@@ -307,12 +319,21 @@ impl ConnEnds for MemoryRegistry {
         let ended = {
             let mut t = self.tables();
             t.adrift.remove(&conn);
-            t.sessions.get_mut(session).and_then(|s| {
-                s.bytes_to_device += end.to_device;
-                s.bytes_to_client += end.to_client;
-                let meta = s.conns.remove(&conn)?;
-                Some((s.operator.clone(), s.device.clone(), s.service.clone(), meta))
-            })
+            match t.sessions.get_mut(session) {
+                Some(s) => {
+                    s.bytes_to_device += end.to_device;
+                    s.bytes_to_client += end.to_client;
+                    s.conns.remove(&conn).map(|meta| (s.operator.clone(), s.device.clone(), s.service.clone(), meta))
+                }
+                // Its session ended while it ran (closed, expired, device lost).
+                None => t.closing.remove(&conn).map(|c| {
+                    if let Some(r) = t.recent.iter_mut().rev().find(|r| r.id == session) {
+                        r.bytes_to_device += end.to_device;
+                        r.bytes_to_client += end.to_client;
+                    }
+                    (c.operator, c.device, c.service, c.meta)
+                }),
+            }
         };
         let reason = end.reason.to_string();
         if let Some((operator, device, service, meta)) = ended {
@@ -510,6 +531,10 @@ impl MemoryRegistry {
                 t.recent.push_back(info);
                 while t.recent.len() > self.config.limits.recent_sessions {
                     t.recent.pop_front();
+                }
+                for (&conn, meta) in &s.conns {
+                    let (operator, device, service) = (s.operator.clone(), s.device.clone(), s.service.clone());
+                    t.closing.insert(conn, Closing { operator, device, service, meta: meta.clone() });
                 }
             }
             s
@@ -712,13 +737,12 @@ impl MemoryRegistry {
         };
         agent.link = None;
         agent.down_since = Some(self.clock.now());
+        // Its parked spares go with it (their waiting tasks see the order can never come).
+        agent.spares.clear();
         let now = self.clock.unix();
         if let Some(seen) = t.seen.get_mut(device) {
             seen.at = now;
         }
-        let Some(agent) = t.agents.get_mut(device) else { return };
-        // Its parked spares go with it (their waiting tasks see the order can never come).
-        agent.spares.clear();
         let grace = self.config.limits.agent_grace_secs;
         tracing::info!(device, "agent disconnected; the device is lost unless it reconnects within {grace} s");
         for s in t.sessions.values().filter(|s| s.device == device) {
