@@ -44,6 +44,12 @@ fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// `ringway connect --code CODE` on a local port: the process and its port.
+fn connect_with_code(relay_url: &str, code: &str) -> (Proc, std::net::SocketAddr) {
+    let (p, a) = Proc::spawn("connect", &["connect", "--relay", relay_url, "--code", code], true);
+    (p, a.expect("connect's local port"))
+}
+
 /// Echoes `total` bytes through `local` in chunks and checks every byte came back in order.
 fn echo_through(s: &mut TcpStream, total: usize, seed: u64) {
     let mut noise = Noise::new(seed);
@@ -82,10 +88,7 @@ fn a_launch_code_is_redeemed_once_by_connect_and_audited_with_its_address() {
 
     // Redeemed by connect (as read out: lower case), bytes move both ways.
     let spoken = code.to_lowercase();
-    let (mut connect, local) = {
-        let (p, a) = Proc::spawn("connect", &["connect", "--relay", &url, "--code", &spoken], true);
-        (p, a.unwrap())
-    };
+    let (mut connect, local) = connect_with_code(&url, &spoken);
     let mut s = TcpStream::connect(local).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     echo_through(&mut s, 256 << 10, 7);
@@ -455,10 +458,7 @@ fn the_console_in_a_real_browser_starts_watches_ends_and_audits_a_session() {
 
         // connect redeems it; bytes move; the page's byte counts rise without a reload.
         let url = relay.url();
-        let (mut connect, local) = {
-            let (p, a) = Proc::spawn("connect", &["connect", "--relay", &url, "--code", &code], true);
-            (p, a.unwrap())
-        };
+        let (mut connect, local) = connect_with_code(&url, &code);
         let mut s = TcpStream::connect(local).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         echo_through(&mut s, 1 << 20, 1);
@@ -497,6 +497,12 @@ fn the_console_in_a_real_browser_starts_watches_ends_and_audits_a_session() {
         let ended = format!("#ended tr[data-session=\"{session}\"] .close");
         let reason = until("the ended session", || async { text_of(&c, &ended).await }).await;
         assert!(reason.starts_with("4003") && reason.contains("root"), "{reason}");
+        // Its bytes include the connection that was running when it ended.
+        let ended_bytes = format!("#ended tr[data-session=\"{session}\"] .bytes-to-device");
+        until("the ended session's bytes", || async {
+            attr_of(&c, &ended_bytes, "data-value").await.and_then(|v| v.parse::<u64>().ok()).filter(|&v| v >= 3 << 20)
+        })
+        .await;
         assert!(c.find(Locator::Css(&format!("#sessions tr[data-session=\"{session}\"]"))).await.is_err());
 
         // The audit view finds it: its start, its end and the redemption.
@@ -566,10 +572,26 @@ fn an_admin_disconnects_an_agent_and_ended_sessions_are_kept_with_their_close_co
     let out = cli(ADMIN_TOKEN, &["disconnect", "no-such-device"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
 
-    // A closed session is listed as ended, with its code and who closed it.
-    let (id, _, _) = relay.start_session("echo", None);
+    // A session closed with a connection running is listed as ended, with its code, who closed
+    // it and the bytes of that connection too; the connection's end is audited with 4003.
+    let (id, url, token) = relay.start_session("echo", None);
+    let mut ws = ws_connect(&url, &token);
+    ws.send(tungstenite::Message::binary(vec![7u8; 1000])).unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(ws.read().unwrap().len(), 1000);
     let out = cli(OPERATOR_TOKEN, &["close", &id]);
     assert!(out.status.success());
+    assert_eq!(ws_wait_close(&mut ws, Duration::from_secs(10)).0, 4003);
+    wait_for("the ended session's bytes", || {
+        let out = cli(OPERATOR_TOKEN, &["ended"]);
+        let ended: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ended[0]["bytes_to_device"].as_u64() >= Some(1004) && ended[0]["bytes_to_client"].as_u64() >= Some(1004)
+    });
+    wait_for("the connection's end in the audit log", || {
+        audit_lines(&audit).iter().any(|r| {
+            r["event"] == "connection_end" && r["session"] == id.as_str() && r["code"] == 4003 && r["operator"] == "ops"
+        })
+    });
     let out = cli(OPERATOR_TOKEN, &["ended"]);
     let ended: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ended[0]["id"], id.as_str(), "{ended}");

@@ -147,6 +147,18 @@ function byteCell(row, n, cls) {
   td.dataset.value = String(n);
 }
 
+// A session's row, with the cells active and ended sessions share.
+function sessionRow(s) {
+  const tr = document.createElement("tr");
+  tr.dataset.session = s.id;
+  cell(tr, s.id);
+  cell(tr, s.operator);
+  cell(tr, s.device);
+  cell(tr, s.service);
+  cell(tr, (s.client_addrs || []).join(", "), "wrap");
+  return tr;
+}
+
 function replaceRows(table, rows) {
   const body = document.querySelector("#" + table + " tbody");
   body.replaceChildren(...rows);
@@ -177,13 +189,7 @@ function render() {
   fillDevices();
 
   replaceRows("sessions", overview.sessions.map((s) => {
-    const tr = document.createElement("tr");
-    tr.dataset.session = s.id;
-    cell(tr, s.id);
-    cell(tr, s.operator);
-    cell(tr, s.device);
-    cell(tr, s.service);
-    cell(tr, (s.client_addrs || []).join(", "), "wrap");
+    const tr = sessionRow(s);
     cell(tr, s.connections, "num connections");
     byteCell(tr, s.bytes_to_device, "bytes-to-device");
     byteCell(tr, s.bytes_to_client, "bytes-to-client");
@@ -198,13 +204,7 @@ function render() {
   }));
 
   replaceRows("ended", overview.ended.map((s) => {
-    const tr = document.createElement("tr");
-    tr.dataset.session = s.id;
-    cell(tr, s.id);
-    cell(tr, s.operator);
-    cell(tr, s.device);
-    cell(tr, s.service);
-    cell(tr, (s.client_addrs || []).join(", "), "wrap");
+    const tr = sessionRow(s);
     byteCell(tr, s.bytes_to_device, "bytes-to-device");
     byteCell(tr, s.bytes_to_client, "bytes-to-client");
     cell(tr, span(s.ended_at - s.created_at));
