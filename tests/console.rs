@@ -44,9 +44,10 @@ fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// `ringway connect --code CODE` on a local port: the process and its port.
-fn connect_with_code(relay_url: &str, code: &str) -> (Proc, std::net::SocketAddr) {
-    let (p, a) = Proc::spawn("connect", &["connect", "--relay", relay_url, "--code", code], true);
+/// `ringway connect --code CODE [EXTRA…]` on a local port: the process and its port.
+fn connect_with_code(relay_url: &str, code: &str, extra: &[&str]) -> (Proc, std::net::SocketAddr) {
+    let args = [&["connect", "--relay", relay_url, "--code", code][..], extra].concat();
+    let (p, a) = Proc::spawn("connect", &args, true);
     (p, a.expect("connect's local port"))
 }
 
@@ -88,7 +89,7 @@ fn a_launch_code_is_redeemed_once_by_connect_and_audited_with_its_address() {
 
     // Redeemed by connect (as read out: lower case), bytes move both ways.
     let spoken = code.to_lowercase();
-    let (mut connect, local) = connect_with_code(&url, &spoken);
+    let (mut connect, local) = connect_with_code(&url, &spoken, &[]);
     let mut s = TcpStream::connect(local).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     echo_through(&mut s, 256 << 10, 7);
@@ -224,6 +225,9 @@ fn console_logins_take_a_csrf_proof_expire_idle_and_die_at_logout() {
     assert!(header(&head, "set-cookie").unwrap().contains("Max-Age=0"));
     let (status, _, _) = http_with(relay.addr, "GET", "/api/v1/sessions", &[("Cookie", &cookie)], None);
     assert_eq!(status, 401);
+    wait_for("the stale cookie audited as one", || {
+        audit_lines(&audit).iter().any(|r| r["event"] == "auth_failed" && r["credential"] == "login_cookie")
+    });
     let (code, why) = ws_wait_close(&mut live, Duration::from_secs(15));
     assert_eq!((code, why.as_str()), (1008, "logged out"));
 
@@ -458,7 +462,7 @@ fn the_console_in_a_real_browser_starts_watches_ends_and_audits_a_session() {
 
         // connect redeems it; bytes move; the page's byte counts rise without a reload.
         let url = relay.url();
-        let (mut connect, local) = connect_with_code(&url, &code);
+        let (mut connect, local) = connect_with_code(&url, &code, &[]);
         let mut s = TcpStream::connect(local).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         echo_through(&mut s, 1 << 20, 1);
@@ -610,4 +614,43 @@ fn an_admin_disconnects_an_agent_and_ended_sessions_are_kept_with_their_close_co
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.contains("agent_disconnected")), "{text}");
     assert!(text.lines().all(|l| l.contains(DEVICE_ID)), "{text}");
+}
+
+#[test]
+fn over_tls_the_login_cookie_is_secure_and_a_launch_code_works_with_the_ca() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_pki(pki.path(), "relay");
+    let relay = Relay::start("epoll", &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    let url = format!("https://127.0.0.1:{}", relay.addr.port());
+    let ca = ca.to_str().unwrap();
+
+    // curl (installed by .ci/run) as the browser's stand-in: the cookie carries Secure.
+    let out = Command::new("curl")
+        .args(["-si", "--cacert", ca, "-H", "Content-Type: application/json"])
+        .args(["-d", &format!(r#"{{"token":"{OPERATOR_TOKEN}"}}"#), &format!("{url}/api/v1/login")])
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let set = header(&head, "set-cookie").expect("a login cookie");
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict") && set.contains("; Secure"), "{set}");
+
+    let echo = echo_server();
+    let args = ["agent", "--relay", &url, "--ca", ca, "--device", DEVICE_ID, "--key", DEVICE_KEY];
+    let service = format!("echo={echo}");
+    let (_agent, _) = Proc::spawn("agent", &[&args[..], &["--service", &service]].concat(), false);
+    let start = || {
+        Command::new(BIN)
+            .args(["session", "start", "--device", DEVICE_ID, "--service", "echo"])
+            .args(["--relay", &url, "--ca", ca, "--token", OPERATOR_TOKEN])
+            .output()
+            .unwrap()
+    };
+    wait_for("the agent online over TLS", || start().status.success());
+    let started: serde_json::Value = serde_json::from_slice(&start().stdout).unwrap();
+    let code = started["launch_code"].as_str().unwrap();
+    let (_connect, local) = connect_with_code(&url, code, &["--ca", ca]);
+    let mut s = TcpStream::connect(local).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    echo_through(&mut s, 256 << 10, 3);
 }

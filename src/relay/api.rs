@@ -120,9 +120,12 @@ where
 /// credential is logged and audited with the address and the kind of credential, never its value.
 async fn gated(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Resp {
     let path = req.uri().path().to_string();
-    let Some(credential) = credential_kind(&path) else {
+    let Some(mut credential) = credential_kind(&path) else {
         return route(req, relay, peer).await;
     };
+    if credential == "operator_token" && bearer(&req).is_none() && super::logins::cookie_of(req.headers()).is_some() {
+        credential = "login_cookie";
+    }
     match relay.admission.login_turn(peer.ip(), std::time::Instant::now()) {
         Turn::Now => {}
         Turn::After(wait) => tokio::time::sleep(wait).await,
