@@ -157,7 +157,7 @@ impl TryFrom<RawDevice> for Device {
 }
 
 /// Every limit the relay enforces, with its default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest WebSocket frame payload a peer may send on a data connection (bytes).
@@ -251,7 +251,7 @@ pub struct Tls {
 }
 
 /// The audit log: one JSON line per session start and end and per connection end.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     /// File the lines are appended to; none: no audit log.
@@ -259,7 +259,7 @@ pub struct Audit {
 }
 
 /// The data plane's sizing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataPlane {
     /// Worker threads, each with its own runtime, tunnel table and buffer pool; 0 = one per core.
@@ -303,7 +303,7 @@ pub struct Config {
 
 /// `[cluster]`: this node's name and address, the NATS servers holding the shared registry,
 /// and the key the nodes sign their registry records with.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     /// This node's name, unique in the cluster.

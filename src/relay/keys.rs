@@ -15,41 +15,39 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::config::{Config, ConfigError, Role};
+use crate::config::{Audit, Cluster, Config, ConfigError, DataPlane, Limits, Role};
 use crate::tls::CertSlot;
 
-/// The sections a reload does not apply, rendered for comparison.
-#[derive(PartialEq)]
+/// The sections a reload does not apply, as the relay started with them.
 struct Fixed {
-    limits: String,
-    dataplane: String,
-    audit: String,
-    cluster: String,
+    limits: Limits,
+    dataplane: DataPlane,
+    audit: Audit,
+    cluster: Option<Cluster>,
 }
 
 impl Fixed {
     fn of(c: &Config) -> Fixed {
         Fixed {
-            limits: format!("{:?}", c.limits),
-            dataplane: format!("{:?}", c.dataplane),
-            audit: format!("{:?}", c.audit),
-            cluster: format!("{:?}", c.cluster),
+            limits: c.limits.clone(),
+            dataplane: c.dataplane.clone(),
+            audit: c.audit.clone(),
+            cluster: c.cluster.clone(),
         }
     }
 
+    /// The sections that differ in `new`, compared by value (secrets too: a new `peer_key` is
+    /// a change, though no log shows it).
     fn changed(&self, new: &Fixed) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        for (name, a, b) in [
-            ("limits", &self.limits, &new.limits),
-            ("dataplane", &self.dataplane, &new.dataplane),
-            ("audit", &self.audit, &new.audit),
-            ("cluster", &self.cluster, &new.cluster),
-        ] {
-            if a != b {
-                out.push(name);
-            }
-        }
-        out
+        [
+            ("limits", self.limits != new.limits),
+            ("dataplane", self.dataplane != new.dataplane),
+            ("audit", self.audit != new.audit),
+            ("cluster", self.cluster != new.cluster),
+        ]
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect()
     }
 }
 
@@ -173,5 +171,26 @@ impl Keys {
             Reloaded { operators: new.operator.len(), devices: new.device.len(), certificate, revoked, restart_needed };
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         Ok(reloaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fixed;
+    use crate::config::Config;
+
+    const BASE: &str = "[[operator]]\nname = \"ops\"\ntoken = \"op-secret-123\"\n\
+                        [cluster]\nnode = \"n1\"\nnats = [\"nats://127.0.0.1:4222\"]\n\
+                        advertise = \"http://127.0.0.1:8080\"\npeer_key = \"peer-key-number-one-0123456789abcdef\"\n";
+
+    #[test]
+    fn a_changed_secret_in_a_restart_section_needs_a_restart() {
+        let before = Fixed::of(&Config::parse(BASE).unwrap());
+        assert!(before.changed(&Fixed::of(&Config::parse(BASE).unwrap())).is_empty());
+        // Debug shows neither key: compared by value, the change is seen.
+        let rekeyed = BASE.replace("peer-key-number-one", "peer-key-number-two");
+        assert_eq!(before.changed(&Fixed::of(&Config::parse(&rekeyed).unwrap())), ["cluster"]);
+        let limits = format!("{BASE}[limits]\nidle_timeout_secs = 5\n");
+        assert_eq!(before.changed(&Fixed::of(&Config::parse(&limits).unwrap())), ["limits"]);
     }
 }
