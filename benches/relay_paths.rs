@@ -21,7 +21,7 @@ fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
     let extra = if tls { format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n") } else { String::new() };
     let relay = Relay::start(backend, &extra);
     let url = format!("{}://127.0.0.1:{}", if tls { "https" } else { "http" }, relay.addr.port());
-    let service = source_sink_service(len, 3).0;
+    let (service, sink, _) = source_sink_service(len, 3);
     let svc = format!("bulk={service}");
     let (_agent, _) = Proc::spawn(
         "agent",
@@ -45,10 +45,14 @@ fn run(backend: &str, tls: bool, len: u64) -> (f64, f64) {
     thread::sleep(std::time::Duration::from_millis(300));
     let cpu0 = proc_cpu_secs(relay.proc.pid());
     let began = Instant::now();
-    let ((_, got), _) = bulk_both_ways(local, len, 9);
+    let ((_, got), sent) = bulk_both_ways(local, len, 9);
     let secs = began.elapsed().as_secs_f64();
     let cpu = proc_cpu_secs(relay.proc.pid()) - cpu0;
     assert_eq!(got, len, "short transfer");
+    // The other direction too, and before the processes go: the service must have read all of
+    // it (tearing down earlier reset its reader mid-stream).
+    let received = sink.recv_timeout(std::time::Duration::from_secs(60)).expect("the service's sink");
+    assert_eq!(received, sent, "the service did not receive what the client sent");
     let gb = 2.0 * len as f64 / 1e9;
     (len as f64 / 1e6 / secs, cpu / gb)
 }
