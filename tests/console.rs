@@ -193,8 +193,28 @@ fn console_logins_take_a_csrf_proof_expire_idle_and_die_at_logout() {
         [("Cookie", cookie.as_str()), ("X-CSRF-Token", csrf_of_cookie.as_str()), ("Origin", "https://evil.example")];
     let (status, _, _) = http_with(relay.addr, "POST", "/api/v1/sessions", &foreign, Some(&start));
     assert_eq!(status, 403);
+    // Behind a reverse proxy that rewrites Host, the browser's host arrives as X-Forwarded-Host.
+    let proxied = [
+        ("Cookie", cookie.as_str()),
+        ("X-CSRF-Token", csrf_of_cookie.as_str()),
+        ("Origin", "https://relay.example.net"),
+        ("X-Forwarded-Host", "evil.example"),
+    ];
+    let (status, _, _) = http_with(relay.addr, "POST", "/api/v1/sessions", &proxied, Some(&start));
+    assert_eq!(status, 403, "a forwarded host that is not the origin is no proof");
     let (_, sessions) = http(relay.addr, "GET", "/api/v1/sessions", Some(OPERATOR_TOKEN), None);
     assert_eq!(sessions, "[]", "no refused request started a session");
+    let proxied = [
+        ("Cookie", cookie.as_str()),
+        ("X-CSRF-Token", csrf_of_cookie.as_str()),
+        ("Origin", "https://relay.example.net"),
+        ("X-Forwarded-Host", "relay.example.net"),
+    ];
+    let (status, _, body) = http_with(relay.addr, "POST", "/api/v1/sessions", &proxied, Some(&start));
+    assert_eq!(status, 201, "{body}");
+    let started: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = started["id"].as_str().unwrap();
+    assert_eq!(http(relay.addr, "DELETE", &format!("/api/v1/sessions/{id}"), Some(OPERATOR_TOKEN), None).0, 204);
     let good = [("Cookie", cookie.as_str()), ("X-CSRF-Token", csrf_of_cookie.as_str())];
     let (status, _, body) = http_with(relay.addr, "POST", "/api/v1/sessions", &good, Some(&start));
     assert_eq!(status, 201, "{body}");

@@ -382,13 +382,23 @@ fn authenticate(req: &Request<Incoming>, relay: &Relay) -> Result<Who, Box<Resp>
 const CSRF_HEADER: &str = "x-csrf-token";
 
 /// Whether a request's `Origin` (when a browser sent one) is the relay's own address as the
-/// request names it: a page of another site may not use a console login, not even by
-/// WebSocket (which SameSite cookies and CSRF proofs do not cover).
+/// request names it (`Host`, or `X-Forwarded-Host` behind a reverse proxy that rewrites
+/// `Host`): a page of another site may not use a console login, not even by WebSocket (which
+/// CSRF proofs do not cover). Believing `X-Forwarded-Host` gives a cross-site page nothing: a
+/// browser sends no such header cross-site without a CORS preflight, which the relay never
+/// grants.
 fn same_origin(req: &Request<Incoming>) -> bool {
     let Some(origin) = req.headers().get(hyper::header::ORIGIN) else { return true };
-    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    let authority = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, rest)| rest);
-    authority.is_some_and(|a| !host.is_empty() && a.eq_ignore_ascii_case(host))
+    let Some(authority) = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, rest)| rest) else {
+        return false;
+    };
+    let named = |name: &str| {
+        let value = req.headers().get(name).and_then(|h| h.to_str().ok()).unwrap_or("");
+        // A proxy chain lists hosts comma-separated, the first being what the browser used.
+        let first = value.split(',').next().unwrap_or("").trim();
+        !first.is_empty() && first.eq_ignore_ascii_case(authority)
+    };
+    named(HOST.as_str()) || named("x-forwarded-host")
 }
 
 fn logged_in(relay: &Relay, who: &Who) -> LoggedInBody {
