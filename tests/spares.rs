@@ -87,3 +87,56 @@ fn connect_keeps_a_ready_connection_so_a_new_one_needs_no_handshake_even_when_th
 fn wait_spare(relay: &Relay) {
     wait_for("the agent never parked a spare", || relay.metric("ringway_spare_connections") >= 1);
 }
+
+#[test]
+fn over_tls_a_ready_connection_its_client_closed_dials_nothing_and_one_used_carries_its_bytes() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_pki(pki.path(), "relay");
+    let relay = Relay::start("epoll", &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    let url = format!("https://127.0.0.1:{}", relay.addr.port());
+    let ca = ca.to_str().unwrap();
+    // An echo service that counts the connections the agent makes to it.
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    let echo = tcp_service(move |mut s| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut r = s.try_clone().unwrap();
+        let _ = std::io::copy(&mut r, &mut s);
+    });
+    let service = format!("echo={echo}");
+    let agent_args = ["agent", "--relay", &url, "--ca", ca, "--device", DEVICE_ID, "--key", DEVICE_KEY, "--service"];
+    let (_agent, _) = Proc::spawn("agent", &[&agent_args[..], &[&service]].concat(), false);
+    // The relay speaks only TLS: its metrics through curl (which .ci/run installs).
+    let metric = |name: &str| -> u64 {
+        let out = std::process::Command::new("curl").args(["-sf", "--cacert", ca, &format!("{url}/metrics")]).output();
+        let text = String::from_utf8(out.expect("curl").stdout).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+    };
+    let connect_args =
+        ["connect", "--relay", &url, "--ca", ca, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "echo"];
+
+    // connect opens its ready connection and exits without using it: over TLS the relay reads
+    // the close, so no connection is opened and the agent dials nothing.
+    let (mut first, _) = connect_when_online(&connect_args);
+    wait_for("connect never opened its ready connection", || metric("ringway_ready_connections") == 1);
+    first.kill();
+    wait_for("the ready connection was never let go", || metric("ringway_ready_connections") == 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(metric("ringway_connections_opened_total"), 0, "a closed ready connection became a connection");
+    assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 0, "the agent dialed for a closed ready connection");
+
+    // A used one carries its first bytes, read by the relay to tell data from a close.
+    let (_second, local) = connect_when_online(&connect_args);
+    wait_for("connect never opened its ready connection", || metric("ringway_ready_connections") == 1);
+    let mut s = TcpStream::connect(local).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+    s.write_all(&payload).unwrap();
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).unwrap();
+    assert!(back == payload, "the echo through a used TLS ready connection differs");
+    assert_eq!(metric("ringway_ready_connections_used_total"), 1);
+    assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -608,12 +608,27 @@ impl Live {
         }
     }
 
-    /// Whether the peer closed (plain connections: a peek; over TLS that cannot be told
-    /// without reading, so no).
-    async fn at_eof(&self) -> bool {
+    /// Once the peer sent something or closed: `None` if it closed (or, over TLS, sent no
+    /// whole record within `within`), else what had to be read to tell — nothing on a plain
+    /// connection, which is only peeked; over TLS a close cannot be told from data without
+    /// reading a record, and what was read is the connection's first bytes.
+    async fn first_bytes(&mut self, within: Duration) -> Option<Bytes> {
         match self {
-            Live::Plain(s) => matches!(s.peek(&mut [0u8; 1]).await, Ok(0) | Err(_)),
-            Live::Tls(_) => false,
+            Live::Plain(s) => match s.peek(&mut [0u8; 1]).await {
+                Ok(n) if n > 0 => Some(Bytes::new()),
+                _ => None,
+            },
+            Live::Tls(s) => {
+                use tokio::io::AsyncReadExt;
+                let mut first = vec![0u8; 4096];
+                match tokio::time::timeout(within, s.read(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        first.truncate(n);
+                        Some(Bytes::from(first))
+                    }
+                    _ => None,
+                }
+            }
         }
     }
 
@@ -770,10 +785,9 @@ async fn wait_ready(relay: &Relay, fut: fastwebsockets::upgrade::UpgradeFut) -> 
         }
         _ = shutdown.wait_for(|s| *s) => return None,
     }
-    if live.at_eof().await {
-        return None;
-    }
-    Some((live, leftover))
+    // A client that closed its ready connection leaves no trace: no connection, no dial.
+    let first = live.first_bytes(Duration::from_secs(relay.config.limits.handshake_timeout_secs)).await?;
+    Some((live, first))
 }
 
 /// Header names of a connection one cluster node forwards to another: the forwarding node's
