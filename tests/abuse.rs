@@ -504,7 +504,7 @@ fn a_config_typo_names_the_file_line_and_key_but_never_the_secret() {
 fn connect_over_http_to_a_tls_relay_says_to_use_https_and_logs_have_no_colour_codes() {
     let pki = tempfile::tempdir().unwrap();
     let (_, cert, key) = make_pki(pki.path(), "relay");
-    let relay = Relay::start("epoll", &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    let relay = Relay::start("epoll", &tls_config(&cert, &key));
     let url = format!("http://127.0.0.1:{}", relay.addr.port());
     let out = std::process::Command::new(BIN)
         .args(["connect", "--relay", &url, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "x"])

@@ -640,7 +640,7 @@ fn an_admin_disconnects_an_agent_and_ended_sessions_are_kept_with_their_close_co
 fn over_tls_the_login_cookie_is_secure_and_a_launch_code_works_with_the_ca() {
     let pki = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_pki(pki.path(), "relay");
-    let relay = Relay::start("epoll", &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    let relay = Relay::start("epoll", &tls_config(&cert, &key));
     let url = format!("https://127.0.0.1:{}", relay.addr.port());
     let ca = ca.to_str().unwrap();
 

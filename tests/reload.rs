@@ -151,7 +151,7 @@ fn the_reload_endpoint_takes_an_admin_and_reports_what_it_did() {
 fn a_reloaded_certificate_is_presented_to_new_connections_and_old_ones_keep_running() {
     let pki = tempfile::tempdir().unwrap();
     let (ca1, cert, key) = make_pki(pki.path(), "first");
-    let relay = Relay::start("epoll", &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    let relay = Relay::start("epoll", &tls_config(&cert, &key));
     let url = format!("https://127.0.0.1:{}", relay.addr.port());
     let echo_addr = echo_server();
     let ca1 = ca1.to_str().unwrap().to_string();

@@ -92,7 +92,7 @@ fn wait_spare(relay: &Relay) {
 fn over_tls_a_ready_connection_its_client_closed_dials_nothing_and_one_used_carries_its_bytes() {
     let pki = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_pki(pki.path(), "relay");
-    let relay = Relay::start("epoll", &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    let relay = Relay::start("epoll", &tls_config(&cert, &key));
     let url = format!("https://127.0.0.1:{}", relay.addr.port());
     let ca = ca.to_str().unwrap();
     // An echo service that counts the connections the agent makes to it.
@@ -109,10 +109,7 @@ fn over_tls_a_ready_connection_its_client_closed_dials_nothing_and_one_used_carr
     // The relay speaks only TLS: its metrics through curl (which .ci/run installs).
     let metric = |name: &str| -> u64 {
         let out = std::process::Command::new("curl").args(["-sf", "--cacert", ca, &format!("{url}/metrics")]).output();
-        let text = String::from_utf8(out.expect("curl").stdout).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+        metric_in(&String::from_utf8(out.expect("curl").stdout).unwrap(), name)
     };
     let connect_args =
         ["connect", "--relay", &url, "--ca", ca, "--token", OPERATOR_TOKEN, "--device", DEVICE_ID, "--service", "echo"];

@@ -101,11 +101,7 @@ struct World {
 fn world(tls: bool) -> World {
     let pki = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_pki(pki.path(), "relay");
-    let extra = if tls {
-        format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display())
-    } else {
-        String::new()
-    };
+    let extra = if tls { tls_config(&cert, &key) } else { String::new() };
     let relay = Relay::start("epoll", &extra);
     let url = format!("{}://127.0.0.1:{}", if tls { "https" } else { "http" }, relay.addr.port());
     let ca = ca.to_str().unwrap().to_string();

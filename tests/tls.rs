@@ -12,7 +12,7 @@ fn tunnels_work_over_tls_and_a_wrong_certificate_is_refused_clearly() {
     let pki = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_pki(pki.path(), "relay");
     let (other_ca, _, _) = make_pki(pki.path(), "other");
-    let relay = Relay::start("uring", &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    let relay = Relay::start("uring", &tls_config(&cert, &key));
     let url = format!("https://127.0.0.1:{}", relay.addr.port());
     let ca_arg = ca.to_str().unwrap();
 

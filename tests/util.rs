@@ -216,9 +216,7 @@ impl Relay {
     pub fn metric(&self, name: &str) -> u64 {
         let (status, body) = http(self.addr, "GET", "/metrics", None, None);
         assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
+        metric_in(&body, name)
     }
 
     pub fn rss_kib(&self) -> u64 {
@@ -935,4 +933,16 @@ pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         let (k, v) = l.split_once(':')?;
         k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
     })
+}
+
+/// The value of metric `name` (with its labels, if any) in Prometheus text.
+pub fn metric_in(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+}
+
+/// The relay config's `[tls]` section for a certificate and key.
+pub fn tls_config(cert: &Path, key: &Path) -> String {
+    format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display())
 }
